@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
+# torch is installed first from the pinned CPU wheel so that nothing pulls a CUDA build;
+# everything else comes from constraints.txt (exact versions CI tests).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test browser clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test browser
+
+# Debian's chromium for the web-UI test (Playwright drives the system browser; its own
+# browser download does not work offline). Skipped quietly where apt is unavailable.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ) || \
+	  echo "chromium not installed: browser tests will be skipped"
+
+demo: install
+	$(BIN)/vistune demo
+
+test: install-test
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,122 @@
+"""Records -> training samples (input_ids, labels, pixel_values), read lazily."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from ..text.encode import EncodingError, encode_conversation
+from ..text.templates import Template, get_template
+from .images import ImageConfig, ImageError, load_pixels, resolve_image_path
+from .records import Record, RecordError, RecordFile
+
+
+class SampleError(ValueError):
+    """A record could not become a sample; ``record_id`` names it."""
+
+    def __init__(self, record_id: str, reason: str):
+        self.record_id = record_id
+        self.reason = reason
+        super().__init__(f"record {record_id!r}: {reason}")
+
+
+@dataclass
+class TextSettings:
+    """What turns a record into token ids: shared by training, inference and eval."""
+
+    tokenizer: PreTrainedTokenizerBase
+    template: Template
+    image_token_id: int
+    num_image_tokens: int
+    max_length: int = 2048
+    system: str | None = None
+
+
+class VLDataset(Dataset):
+    """A LLaVA data file as a torch Dataset; each item is one encoded sample.
+
+    Bad records raise SampleError naming the record, so the training loop can log
+    and skip them (or stop past a threshold) instead of crashing or training on
+    nothing.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record] | RecordFile | str | os.PathLike,
+        text: TextSettings,
+        image_dir: str | os.PathLike | None,
+        image_config: ImageConfig,
+    ):
+        self.records = RecordFile(records) if isinstance(records, (str, os.PathLike)) else records
+        self.text = text
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.image_config = image_config
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, i: int) -> Record:
+        try:
+            return self.records[i]
+        except RecordError as e:
+            raise SampleError(e.where, e.reason) from None
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.record(i)
+        try:
+            enc = encode_conversation(
+                self.text.tokenizer, self.text.template, rec.conversations,
+                image_token_id=self.text.image_token_id, num_image_tokens=self.text.num_image_tokens,
+                max_length=self.text.max_length, record_id=rec.id, system=self.text.system,
+            )
+            pixels = None
+            if rec.images:
+                pixels = torch.stack([
+                    load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in rec.images
+                ])
+        except (EncodingError, ImageError) as e:
+            reason = e.reason if isinstance(e, EncodingError) else str(e)
+            raise SampleError(rec.id, reason) from None
+        return {
+            "id": rec.id,
+            "index": i,
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "pixel_values": pixels,
+            "image_paths": rec.images,
+        }
+
+    def modality_lengths(self) -> list[int]:
+        """Cheap length estimates (words + image tokens), negative for text-only samples.
+
+        The sign carries the modality, as LLaVA's `group_by_modality_length` expects.
+        """
+        out = []
+        for i in range(len(self)):
+            try:
+                rec = self.records[i]
+            except RecordError:
+                out.append(0)
+                continue
+            words = sum(len(t["value"].split()) for t in rec.conversations)
+            n = int(words * 1.3) + len(rec.images) * self.text.num_image_tokens
+            out.append(n if rec.images else -n)
+        return out
+
+
+def text_settings_for(model_config, tokenizer: PreTrainedTokenizerBase, template: str | Template | None = None,
+                      max_length: int | None = None, system: str | None = None) -> TextSettings:
+    """TextSettings from a model's VLMConfig, optionally overriding template / length."""
+    return TextSettings(
+        tokenizer=tokenizer,
+        template=get_template(template if template is not None else model_config.template),
+        image_token_id=model_config.image_token_id,
+        num_image_tokens=model_config.num_image_tokens,
+        max_length=max_length or model_config.max_length,
+        system=system,
+    )

@@ -1,0 +1,71 @@
+"""Check a whole LLaVA data file at once and report every problem."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..text.templates import get_template
+from .images import ImageError, open_image, resolve_image_path
+from .records import RecordError, RecordFile, parse_record
+
+
+@dataclass
+class Problem:
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def validate_file(
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    template: str | None = None,
+    check_images: bool = True,
+) -> tuple[int, list[Problem]]:
+    """Returns (number of records, problems). Images are opened and decoded."""
+    problems: list[Problem] = []
+    if template is not None:
+        try:
+            get_template(template)
+        except ValueError as e:
+            problems.append(Problem("template", str(e)))
+    try:
+        rf = RecordFile(path)
+    except (RecordError, FileNotFoundError) as e:
+        return 0, problems + [Problem(str(path), str(e))]
+    seen: dict[str, str] = {}
+    checked: dict[Path, str | None] = {}
+    for i in range(len(rf)):
+        try:
+            obj, where = rf.raw(i)
+            rec = parse_record(obj, where)
+        except RecordError as e:
+            problems.append(Problem(e.where, e.reason))
+            continue
+        if rec.id in seen:
+            problems.append(Problem(rec.where, f"duplicate id (first at {seen[rec.id]})"))
+        else:
+            seen[rec.id] = rec.source
+        if template is not None and len(rec.conversations) > 2:
+            try:
+                if get_template(template).single_turn:
+                    problems.append(Problem(rec.where, f"template {template!r} takes one exchange, record has "
+                                                       f"{len(rec.conversations)} turns"))
+            except ValueError:
+                pass
+        if check_images:
+            for name in rec.images:
+                p = resolve_image_path(name, image_dir)
+                if p not in checked:
+                    try:
+                        open_image(p)
+                        checked[p] = None
+                    except ImageError as e:
+                        checked[p] = str(e)
+                if checked[p]:
+                    problems.append(Problem(rec.where, checked[p]))
+    return len(rf), problems

@@ -1,0 +1,115 @@
+"""Build a VisionLanguageModel from local pretrained paths or from tiny configs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import __version__
+from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
+from ..text.templates import get_template
+from ..text.tokenizer import ensure_special_tokens, image_token_id, load_tokenizer
+from .config import VLMConfig
+from .vision import VisionTower, load_vision_model
+from .vlm import VisionLanguageModel
+
+Source = str | os.PathLike | dict | PretrainedConfig
+
+
+def text_config_from_dict(d: dict) -> PretrainedConfig:
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("text config needs a 'model_type' (e.g. llama, qwen2, gpt2)")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def load_language_model(source: Source, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a local directory (any AutoModelForCausalLM) or from a config."""
+    if isinstance(source, dict):
+        return AutoModelForCausalLM.from_config(text_config_from_dict(source))
+    if isinstance(source, PretrainedConfig):
+        return AutoModelForCausalLM.from_config(source)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"language model path does not exist: {path}")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
+    """Image settings of a vision checkpoint (its preprocessor_config.json when present)."""
+    mean, std, size = CLIP_MEAN, CLIP_STD, tower.image_size
+    if isinstance(source, (str, os.PathLike)):
+        pp = Path(source) / "preprocessor_config.json"
+        if pp.exists():
+            d = json.loads(pp.read_text())
+            mean = tuple(d.get("image_mean", mean))
+            std = tuple(d.get("image_std", std))
+    return ImageConfig(size=size, aspect=aspect, mean=mean, std=std)
+
+
+def build_vlm(
+    vision: Source,
+    llm: Source,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+    *,
+    projector_type: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    vision_feature_select: str = "patch",
+    template: str | dict = "vicuna_v1",
+    image: ImageConfig | None = None,
+    image_aspect: str = "pad",
+    max_length: int = 2048,
+    dtype: torch.dtype | None = None,
+) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
+    """Assemble vision tower + new projector + LM, and a tokenizer with vistune's specials.
+
+    ``vision`` / ``llm`` are local checkpoint directories or HF config dicts (tiny
+    models from scratch). The tokenizer defaults to the one in the LLM's directory.
+    The embedding matrix grows when `<image>` / `<pad>` are added, new rows
+    initialised at the mean of the old ones.
+    """
+    get_template(template)  # fail early on an unknown template
+    if tokenizer is None:
+        if isinstance(llm, (str, os.PathLike)):
+            tokenizer = load_tokenizer(llm)
+        else:
+            raise ValueError("a tokenizer is needed when the LLM is built from a config")
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    else:
+        ensure_special_tokens(tokenizer)
+    vision_model = load_vision_model(vision, dtype)
+    tower = VisionTower(vision_model, vision_feature_layer, vision_feature_select)
+    lm = load_language_model(llm, dtype)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    # Special ids of the LM config must point into the (possibly new) vocabulary.
+    lm.config.eos_token_id = tokenizer.eos_token_id
+    lm.config.bos_token_id = tokenizer.bos_token_id
+    gen = getattr(lm, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id, gen.bos_token_id, gen.pad_token_id = (
+            tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
+    cfg = VLMConfig(
+        vision=vision_model.config.to_dict(),
+        text=lm.config.to_dict(),
+        projector_type=projector_type,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select=vision_feature_select,
+        num_image_tokens=tower.num_tokens(),
+        image_token_id=image_token_id(tokenizer),
+        template=template,
+        image=image or image_config_for(vision, tower, image_aspect),
+        max_length=max_length,
+        vistune_version=__version__,
+    )
+    model = VisionLanguageModel(cfg, tower, lm)
+    if dtype is not None:
+        model.projector.to(dtype)
+    return model, tokenizer

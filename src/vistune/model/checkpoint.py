@@ -1,0 +1,198 @@
+"""A vistune model is a directory.
+
+    config.json               vistune version, format version, nested vision / text
+                              configs, projector, feature layer, template, image settings
+    model.safetensors         all weights: vision.model.*, projector.*, language_model.*
+    preprocessor_config.json  image settings (CLIP-processor keys, for other tools)
+    tokenizer files           tokenizer.json, tokenizer_config.json, ...
+
+Saving writes a temporary sibling directory and renames it into place, so a crash
+never leaves a half-written model where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from .. import __version__
+from ..data.images import ImageConfig, preprocess
+from ..text.templates import Template, get_template
+from ..text.tokenizer import load_tokenizer
+from .build import text_config_from_dict
+from .config import VLMConfig
+from .vision import VisionTower, vision_config_from_dict
+from .vlm import VisionLanguageModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_directory(final: str | os.PathLike):
+    """Context manager yielding a temporary directory renamed to ``final`` on success."""
+    return _AtomicDir(Path(final))
+
+
+class _AtomicDir:
+    def __init__(self, final: Path):
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def image_processor_dict(cfg: ImageConfig) -> dict:
+    """CLIPImageProcessor-compatible settings (LLaVA's pad step is vistune's `aspect`)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": cfg.size},
+        "do_center_crop": True,
+        "crop_size": {"height": cfg.size, "width": cfg.size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(cfg.mean),
+        "image_std": list(cfg.std),
+        "do_convert_rgb": True,
+        "resample": 3,
+        "vistune": cfg.to_dict(),
+    }
+
+
+def save_model(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
+    """Write a model directory atomically; returns its path."""
+    path = Path(path)
+    cfg = model.config
+    cfg.vistune_version = __version__
+    cfg.vision = model.vision.model.config.to_dict()
+    cfg.text = model.language_model.config.to_dict()
+    with atomic_directory(path) as tmp:
+        write_json(tmp / CONFIG_NAME, cfg.to_dict())
+        st_save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "vistune": __version__})
+        write_json(tmp / "preprocessor_config.json", image_processor_dict(cfg.image))
+        tokenizer.save_pretrained(str(tmp))
+    return path
+
+
+def read_config(path: str | os.PathLike) -> VLMConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"not a vistune model directory (no {CONFIG_NAME}): {path}")
+    d = json.loads(cfg_file.read_text())
+    if "vision" not in d or "text" not in d:
+        raise ValueError(
+            f"{cfg_file} is not a vistune config (no 'vision'/'text'); "
+            "to use an original LLaVA or llava-hf checkpoint, run `vistune import` first"
+        )
+    return VLMConfig.from_dict(d)
+
+
+def model_from_config(cfg: VLMConfig, *, init: bool = True) -> VisionLanguageModel:
+    """An untrained model with the architecture of ``cfg``."""
+    vision_cfg = vision_config_from_dict(cfg.vision)
+    text_cfg = text_config_from_dict(cfg.text)
+    if init:
+        vision_model = AutoModel.from_config(vision_cfg)
+        lm = AutoModelForCausalLM.from_config(text_cfg)
+    else:
+        with no_init_weights():
+            vision_model = AutoModel.from_config(vision_cfg)
+            lm = AutoModelForCausalLM.from_config(text_cfg)
+    lm.tie_weights()
+    tower = VisionTower(vision_model, cfg.vision_feature_layer, cfg.vision_feature_select)
+    return VisionLanguageModel(cfg, tower, lm)
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
+    """Load a model directory written by `save_model`. No pickle is ever read."""
+    path = Path(path)
+    cfg = read_config(path)
+    model = model_from_config(cfg, init=False)
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"model weights missing: {weights}")
+    missing, unexpected = st_load_model(model, str(weights), strict=False)
+    # Tied weights are stored once; anything else missing is a corrupt checkpoint.
+    tied = set(_tied_names(model))
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{weights}: missing keys {missing[:5]}, unexpected keys {list(unexpected)[:5]}")
+    model.language_model.tie_weights()
+    tokenizer = load_tokenizer(path)
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _tied_names(model: torch.nn.Module) -> list[str]:
+    """Every name of a parameter that is shared by several names (tied embeddings)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [n for names in groups.values() if len(names) > 1 for n in names]
+
+
+@dataclass
+class LoadedModel:
+    """What inference needs: the model, its tokenizer, template and image settings."""
+
+    model: VisionLanguageModel
+    tokenizer: PreTrainedTokenizerBase
+    path: Path | None = None
+
+    @property
+    def config(self) -> VLMConfig:
+        return self.model.config
+
+    @property
+    def template(self) -> Template:
+        return get_template(self.config.template)
+
+    @property
+    def image_config(self) -> ImageConfig:
+        return self.config.image
+
+    def pixels(self, image) -> torch.Tensor:
+        return preprocess(image, self.image_config)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_model(self.model, self.tokenizer, path)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """`vistune.load(path)`: a saved model ready for inference."""
+    model, tok = load_model(path, device, dtype)
+    return LoadedModel(model, tok, Path(path))

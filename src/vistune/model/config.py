@@ -1,0 +1,62 @@
+"""The typed configuration of a vistune model, as saved in its `config.json`."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..data.images import ImageConfig
+
+FORMAT_VERSION = 1
+PROJECTOR_TYPES = "linear, identity, mlp{N}x_gelu"
+_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def check_projector_type(name: str) -> None:
+    if name in ("linear", "identity") or _MLP_RE.match(name):
+        return
+    raise ValueError(f"unknown projector type {name!r}; expected one of {PROJECTOR_TYPES}")
+
+
+@dataclass
+class VLMConfig:
+    """Everything needed to rebuild a model from its directory.
+
+    ``vision`` and ``text`` are the Hugging Face config dicts of the vision tower and
+    the causal LM (each with its ``model_type``), so any HF architecture fits.
+    """
+
+    vision: dict
+    text: dict
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select: str = "patch"  # patch: drop CLS; cls_patch: keep it
+    num_image_tokens: int = 0
+    image_token_id: int = -1
+    template: str | dict = "vicuna_v1"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    max_length: int = 2048
+    vistune_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_projector_type(self.projector_type)
+        if self.vision_feature_select not in ("patch", "cls_patch"):
+            raise ValueError(
+                f"vision_feature_select must be 'patch' or 'cls_patch', got {self.vision_feature_select!r}"
+            )
+        if isinstance(self.image, dict):
+            self.image = ImageConfig.from_dict(self.image)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image"] = self.image.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        fv = d.get("format_version", FORMAT_VERSION)
+        if fv > FORMAT_VERSION:
+            raise ValueError(
+                f"model directory uses format version {fv}; this vistune reads up to {FORMAT_VERSION} (upgrade vistune)"
+            )
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -1,0 +1,101 @@
+"""The vision tower: any Hugging Face vision model, features from a chosen layer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+
+def vision_config_from_dict(d: dict) -> PretrainedConfig:
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("vision config needs a 'model_type' (e.g. clip_vision_model, siglip_vision_model)")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def _vision_part(config: PretrainedConfig) -> PretrainedConfig:
+    # Composite checkpoints (a whole CLIP or SigLIP with its text tower) carry the
+    # vision half as `vision_config`.
+    return getattr(config, "vision_config", None) or config
+
+
+def load_vision_model(source: str | dict | PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A vision model from a local checkpoint directory or from a config (random init)."""
+    if isinstance(source, dict):
+        return AutoModel.from_config(vision_config_from_dict(source))
+    if isinstance(source, PretrainedConfig):
+        return AutoModel.from_config(_vision_part(source))
+    config = AutoConfig.from_pretrained(source)
+    vcfg = _vision_part(config)
+    cls = AutoModel._model_mapping[type(vcfg)]  # e.g. CLIPVisionModel for a whole CLIP checkpoint
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(source, **kwargs)
+
+
+class VisionTower(nn.Module):
+    """Wraps an HF vision model; returns (num_images, tokens, width) features.
+
+    Transformer encoders give hidden states (B, T, D); convolutional ones give maps
+    (B, C, H, W), flattened into H*W tokens. ``select='patch'`` drops the CLS token
+    when the encoder has one.
+    """
+
+    def __init__(self, model: PreTrainedModel, feature_layer: int = -2, select: str = "patch"):
+        super().__init__()
+        self.model = model
+        self.feature_layer = feature_layer
+        self.select = select
+        cfg = model.config
+        self.image_size = int(getattr(cfg, "image_size", 224))
+        self.num_channels = int(getattr(cfg, "num_channels", 3))
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        for key in ("hidden_size", "hidden_sizes", "embed_dim"):
+            v = getattr(cfg, key, None)
+            if v:
+                return int(v[-1] if isinstance(v, (list, tuple)) else v)
+        with torch.no_grad():
+            return int(self.forward(self.dummy_pixels()).shape[-1])
+
+    def dummy_pixels(self, n: int = 1) -> torch.Tensor:
+        p = next(self.model.parameters())
+        return torch.zeros(n, self.num_channels, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
+
+    @property
+    def has_cls(self) -> bool:
+        patch = getattr(self.model.config, "patch_size", None)
+        if not patch:
+            return False
+        n_patches = (self.image_size // int(patch)) ** 2
+        with torch.no_grad():
+            t = self._hidden(self.dummy_pixels()).shape[1]
+        return t == n_patches + 1
+
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hs = out.hidden_states[self.feature_layer]
+        if hs.dim() == 4:  # conv feature map
+            hs = hs.flatten(2).transpose(1, 2)
+        return hs
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        trainable = any(p.requires_grad for p in self.model.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            p = next(self.model.parameters())
+            hs = self._hidden(pixel_values.to(device=p.device, dtype=p.dtype))
+        if self.select == "patch" and self._cls:
+            hs = hs[:, 1:]
+        return hs
+
+    @property
+    def _cls(self) -> bool:
+        if not hasattr(self, "_has_cls_cache"):
+            self._has_cls_cache = self.has_cls
+        return self._has_cls_cache
+
+    def num_tokens(self) -> int:
+        with torch.no_grad():
+            return int(self.forward(self.dummy_pixels()).shape[1])

@@ -1,0 +1,184 @@
+"""The vision-language model: vision tower -> projector -> spliced into the LM.
+
+Preprocessing has already expanded every `<image>` into ``num_image_tokens`` copies
+of the image token id, so sequence lengths are known before the model runs. The
+model only replaces the embeddings at those positions, in order, with the
+projected features of the batch's images (images of sample 0 first, then sample 1...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import VLMConfig
+from .projector import build_projector
+from .vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+class ImageTokenMismatch(ValueError):
+    """The image placeholders of a batch and its image features disagree."""
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    num_supervised: int = 0
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: VLMConfig, vision: VisionTower, language_model: PreTrainedModel,
+                 projector: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.language_model = language_model
+        text_dim = language_model.get_input_embeddings().embedding_dim
+        self.projector = projector if projector is not None else build_projector(
+            config.projector_type, vision.hidden_size, text_dim
+        )
+
+    # -- pieces ---------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.language_model.parameters()).device
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        p = next(self.projector.parameters(), None)
+        if p is not None:
+            vision_features = vision_features.to(dtype=p.dtype, device=p.device)
+        return self.projector(vision_features)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels -> (N, T, text_dim) visual tokens."""
+        return self.project(self.vision(pixel_values))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the images spliced in at the image-token positions.
+
+        Images come as pixels, as cached vision-tower features (before the
+        projector), or as already projected embeddings (inference reuses them across
+        turns). A count mismatch is an error, never a silent truncation.
+        """
+        emb_layer = self.language_model.get_input_embeddings()
+        is_image = input_ids == self.image_token_id
+        safe_ids = input_ids.masked_fill(is_image, 0)
+        embeds = emb_layer(safe_ids)
+        if image_embeds is None:
+            if pixel_values is not None:
+                image_embeds = self.encode_images(pixel_values)
+            elif vision_features is not None:
+                image_embeds = self.project(vision_features)
+        n_slots = int(is_image.sum())
+        n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_slots != n_feats:
+            per = self.config.num_image_tokens or "?"
+            raise ImageTokenMismatch(
+                f"batch has {n_slots} image-token positions but {n_feats} image feature vectors "
+                f"({0 if image_embeds is None else image_embeds.shape[0]} images x {per} tokens)"
+            )
+        if image_embeds is None:
+            return embeds
+        flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
+
+    # -- forward --------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        **lm_kwargs,
+    ) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds)
+        if labels is not None and self._fast_loss_ok():
+            return self._loss_only(embeds, attention_mask, position_ids, labels, **lm_kwargs)
+        if past_key_values is not None:
+            lm_kwargs[self._cache_arg()] = past_key_values
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **lm_kwargs,
+        )
+        loss, n = (None, 0)
+        if labels is not None:
+            loss, n = causal_lm_loss(out.logits, labels)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return VLMOutput(loss, out.logits, cache, n)
+
+    def _cache_arg(self) -> str:
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+        import inspect
+
+        if not hasattr(self, "_cache_arg_name"):
+            params = inspect.signature(self._unwrapped_lm().forward).parameters
+            self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
+        return self._cache_arg_name
+
+    def _unwrapped_lm(self) -> PreTrainedModel:
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    def _fast_loss_ok(self) -> bool:
+        # Models that post-process logits (soft-capping, scaling) take the generic path.
+        cfg = self._unwrapped_lm().config
+        return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+    def _loss_only(self, embeds, attention_mask, position_ids, labels, **lm_kwargs) -> VLMOutput:
+        """Loss without materialising logits for unsupervised positions.
+
+        Most of a LLaVA sample (system prompt, questions, 576 image tokens) is not
+        supervised; computing the vocabulary projection only where labels exist saves
+        time and memory, and gives the same loss as the full path.
+        """
+        lm = self._unwrapped_lm()
+        decoder = getattr(lm, lm.base_model_prefix)
+        hidden = decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **lm_kwargs,
+        ).last_hidden_state
+        shift_labels = labels[:, 1:]
+        keep = shift_labels != IGNORE_INDEX
+        h = hidden[:, :-1][keep]
+        logits = lm.get_output_embeddings()(h)
+        target = shift_labels[keep]
+        n = int(target.numel())
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(n, 1)
+        return VLMOutput(loss=loss, num_supervised=n)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over supervised positions."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    ) / max(n, 1)
+    return loss, n

@@ -17,6 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-images", action="store_true", help="skip opening images")
     v.set_defaults(func=cmd_validate)
 
+    s = dsub.add_parser("scienceqa", help="ScienceQA problems -> LLaVA records (QCM -> lecture, solution, answer)")
+    s.add_argument("--problems", required=True, help="problems.json")
+    s.add_argument("--splits", required=True, help="pid_splits.json")
+    s.add_argument("--images", required=True, help="folder holding <split>/<pid>/image.png")
+    s.add_argument("--split", default="train")
+    s.add_argument("--out", required=True, help="output .jsonl (or .json)")
+    s.add_argument("--limit", type=int, default=None)
+    s.set_defaults(func=cmd_scienceqa)
+
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..data.validate import validate_file
@@ -26,3 +35,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(pr, file=sys.stderr)
     print(f"{n} records, {len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def cmd_scienceqa(args: argparse.Namespace) -> int:
+    from ..eval.runner import EvalError
+    from ..eval.scienceqa import convert
+
+    try:
+        n = convert(args.problems, args.splits, args.images, args.split, args.out, limit=args.limit)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{n} ScienceQA {args.split} records -> {args.out}")
+    return 0

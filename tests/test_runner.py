@@ -48,7 +48,7 @@ def test_other_settings_refused_unless_overwrite(tmp_path):
     qs = _queries(tmp_path, 2)
     gen = ScriptedGenerator(lambda text, imgs: "a")
     predict(gen, qs, tmp_path / "out", _settings(), signature={"model": "m1"})
-    with pytest.raises(EvalError, match="max_new_tokens|settings"):
+    with pytest.raises(EvalError, match=r"\(max_new_tokens differ\)"):
         predict(gen, qs, tmp_path / "out", _settings(max_new_tokens=5), signature={"model": "m1"})
     with pytest.raises(EvalError, match="model"):
         predict(gen, qs, tmp_path / "out", _settings(), signature={"model": "m2"})
@@ -88,3 +88,19 @@ def test_duplicate_ids_and_broken_lines(tmp_path):
     p.write_text('{"a": 1}\n{broken\n{"a": 2}\n')
     with pytest.raises(EvalError, match="x.jsonl:2"):
         read_jsonl(p, tolerate_torn_tail=True)
+
+
+def test_too_long_prompt_through_real_engine_is_named(tmp_path, tokenizer):
+    from conftest import make_model
+    from vistune.infer.engine import Engine
+    from vistune.model.checkpoint import LoadedModel
+
+    model, tok = make_model(tokenizer, max_length=200)
+    engine = Engine(LoadedModel(model, tok))
+    qs = [Query("short", "red circle?"), Query("long", " ".join(["blue square on the left"] * 60)), Query("s2", "yes?")]
+    out = tmp_path / "out"
+    with pytest.raises(EvalError, match="question 'long'"):
+        predict(engine, qs, out, _settings(batch_size=3, max_new_tokens=2))
+    # Generation stopped at the bad prompt; after fixing the data, a rerun resumes.
+    preds = predict(engine, [qs[0], qs[2]], out, _settings(batch_size=3, max_new_tokens=2))
+    assert set(preds) == {"short", "s2"} and all(p["completion_tokens"] <= 2 for p in preds.values())

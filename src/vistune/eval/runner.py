@@ -165,8 +165,7 @@ def predict(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EvalError(f"question id {dup!r} occurs more than once")
     # Batch size and limit may change between resumes; what the model is asked may not.
-    sig = {"settings": {k: v for k, v in asdict(settings).items()
-                        if k not in ("overwrite", "progress", "limit", "batch_size")},
+    sig = {**{k: v for k, v in asdict(settings).items() if k not in ("overwrite", "progress", "limit", "batch_size")},
            **(signature or {})}
     _check_run(out_dir, sig, settings.overwrite)
 

@@ -233,6 +233,7 @@ def test_export_old_layout_names_match_the_hub_checkpoints(tokenizer, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["image_token_index"] == model.image_token_id and cfg["image_seq_length"] == 16
     assert cfg["vision_feature_select_strategy"] == "default" and cfg["vision_feature_layer"] == -2
+    assert cfg["text_config"]["architectures"] == ["LlamaForCausalLM"]  # vLLM picks the LM class from it
 
 
 def test_chatml_export_stops_on_im_end(tokenizer, tmp_path):

@@ -311,6 +311,9 @@ def check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerB
     patch = getattr(model.vision.model.config, "patch_size", None)
     if not patch:
         raise InteropError("llava-hf counts image tokens from the vision tower's patch_size; this tower has none")
+    if cfg.image.size != model.vision.image_size:
+        raise InteropError(f"image size {cfg.image.size} differs from the vision tower's {model.vision.image_size}; "
+                           "llava-hf's processor would feed the tower the wrong size")
     strategy, extra = feature_strategy(model.vision, cfg.vision_feature_select)
     side = model.vision.image_size // int(patch)
     expected = side * side + extra - (1 if strategy == "default" else 0)
@@ -386,6 +389,8 @@ def export_llava_hf(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBa
     text_config = lm.config.to_dict()
     if tied and not head_is_tied_by_name(lm):
         text_config["tie_word_embeddings"] = tied = False
+    # vLLM builds the language model from text_config.architectures.
+    text_config["architectures"] = [type(lm).__name__]
     llava_cfg = LlavaConfig(
         vision_config=model.vision.model.config.to_dict(),
         text_config=text_config,

@@ -1,0 +1,30 @@
+"""`vistune demo`: the whole paper in miniature, on a CPU, in minutes."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="reproduce the LLaVA paper in miniature on this CPU (about 10 minutes)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo.pipeline import DemoConfig, run_demo
+
+    kw = dict(out=args.out, seed=args.seed, ablations=not args.no_ablations, threads=args.threads)
+    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    report = run_demo(cfg)
+    acc = report["accuracy"]
+    print("\nHeld-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    print(f"Report: {args.out}/report.md   (total {report['timings']['total_s']:.0f} s)")
+    print("\nTalk to the model:")
+    print(f"  vistune chat --model {report['model_dir']} --image {args.out}/world/heldout/images/"
+          f"{sorted((__import__('pathlib').Path(args.out) / 'world/heldout/images').iterdir())[0].name}")
+    print(f"  vistune serve --model {report['model_dir']}")
+    return 0

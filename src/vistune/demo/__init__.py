@@ -1,0 +1,1 @@
+"""The embedded default: `vistune demo` reproduces the LLaVA paper in miniature."""

@@ -1,0 +1,108 @@
+"""The demo's outputs: report.md, report.json, loss.png, accuracy.png."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..train.metrics import read_metrics
+
+LABELS = {"full": "full pipeline", "no_stage1": "no stage 1", "stage1_only": "stage 1 only",
+          "text_only": "text only (blank image)"}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), dpi=110, squeeze=False)
+    for ax, (name, r) in zip(axes[0], runs.items()):
+        recs = [m for m in read_metrics(r.metrics_path) if m.get("loss") is not None]
+        if recs:
+            ax.plot([m["step"] for m in recs], [m["loss"] for m in recs], color="#08519c", lw=1.2)
+        ax.set_title(name.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_kind = report["accuracy_by_kind"]
+    variants = list(by_kind)
+    kinds = sorted({k for v in by_kind.values() for k in v})
+    fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 3, 3.8), dpi=110)
+    w = 0.8 / (len(variants) + 1)
+    for i, v in enumerate(variants):
+        ax.bar([k + i * w for k in range(len(kinds))], [by_kind[v].get(k, 0) for k in kinds], w, label=LABELS.get(v, v))
+    maj = report["majority_baseline"]
+    ax.bar([k + len(variants) * w for k in range(len(kinds))], [maj.get(k, 0) for k in kinds], w,
+           label="majority answer", color="#bbbbbb")
+    ax.set_xticks([k + 0.4 - w / 2 for k in range(len(kinds))], kinds)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def markdown(report: dict, samples: dict, recall_samples: list) -> str:
+    acc, by_kind, maj = report["accuracy"], report["accuracy_by_kind"], report["majority_baseline"]
+    kinds = sorted({k for v in by_kind.values() for k in v})
+    lines = ["# vistune demo", "",
+             f"Seed {report['seed']}; {report['questions']} short-answer questions on held-out scenes; "
+             f"total time {report['timings']['total_s']:.0f} s.", "",
+             "## Ablations (held-out exact-match accuracy)", "",
+             "| variant | overall | " + " | ".join(kinds) + " |",
+             "|---|---|" + "---|" * len(kinds)]
+    for v, a in acc.items():
+        lines.append(f"| {LABELS.get(v, v)} | {a:.1%} | " + " | ".join(f"{by_kind[v].get(k, 0):.0%}" for k in kinds) + " |")
+    lines.append(f"| majority answer per kind | {maj['overall']:.1%} | " +
+                 " | ".join(f"{maj.get(k, 0):.0%}" for k in kinds) + " |")
+    lines += ["", f"Object recall of detailed descriptions (full pipeline): {report['object_recall']:.1%}", "",
+              "## Training", "", "| run | first loss | final loss | steps |", "|---|---|---|---|"]
+    for k, r in report["train_losses"].items():
+        lines.append(f"| {k} | {r['first']:.3f} | {r['final']:.3f} | {r['steps']} |")
+    lines += ["", "## Timings", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    lines += ["", "## Sample answers (full pipeline)", ""]
+    for s in samples.get("full", [])[:12]:
+        mark = "ok" if s["correct"] else "WRONG"
+        q = s["question"].split("\n")[0]
+        lines.append(f"- {q} -> **{s['answer']}** (expected {s['expected']}, {mark})")
+    lines += ["", "## Sample descriptions (full pipeline)", ""]
+    for s in recall_samples[:4]:
+        lines.append(f"- `{s['image']}` ({', '.join(s['objects'])}): {s['description']}")
+    lines += ["", "![loss](loss.png)", "", "![accuracy](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict, runs: dict, samples: dict, recall_samples: list) -> None:
+    plot_losses(runs, out / "loss.png")
+    plot_accuracy(report, out / "accuracy.png")
+    _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _atomic_text(out / "report.md", markdown(report, samples, recall_samples))
+    _atomic_text(out / "samples.json", json.dumps({"answers": samples, "descriptions": recall_samples}, indent=1))

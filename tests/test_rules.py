@@ -1,0 +1,125 @@
+import re
+
+import pytest
+
+from vistune.data.records import parse_record
+from vistune.instruct.annotations import Box, ImageAnnotation
+from vistune.instruct.rules import KINDS, SHORT_SUFFIX, RulesError, generate_records, short_answer_questions
+from vistune.instruct.synth import NUMBER_WORDS, make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("w"), 120, seed=11)
+
+
+def objects(ann):
+    return {(b.attributes["color"], b.attributes["shape"]): b for b in ann.boxes}
+
+
+def check_qa(ann, q: str, a: str) -> bool | None:
+    """Independent check of one question/answer against the scene; None if the form is unknown."""
+    q = q.replace(SHORT_SUFFIX, "").strip()
+    a = a.strip().rstrip(".").lower()
+    objs = objects(ann)
+    if m := re.match(r"(?:what color is|which color does|what is the color of) the (\w+)", q, re.I):
+        (c,) = [c for (c, s) in objs if s == m.group(1)]
+        return a.endswith(c)
+    if m := re.match(r"(?:what shape is|which shape is|what is the shape of) the (\w+)|which shape is (\w+)", q, re.I):
+        col = m.group(1) or m.group(2)
+        (s,) = [s for (c, s) in objs if c == col]
+        return a.endswith(s)
+    if re.match(r"how many (objects|shapes)|count the shapes", q, re.I):
+        return NUMBER_WORDS[len(ann.boxes)] in a.split()
+    if m := re.match(r"how many (\w+)s are there", q, re.I):
+        return NUMBER_WORDS[sum(s == m.group(1) for (c, s) in objs)] in a.split()
+    if m := re.match(r"(?:is there a|do you see a) (\w+) (\w+)", q, re.I):
+        return a.startswith("yes" if (m.group(1), m.group(2)) in objs else "no")
+    if m := re.match(r"is the (\w+) (\w+) to the left or to the right of the (\w+) (\w+)", q, re.I):
+        A, B = objs[(m.group(1), m.group(2))], objs[(m.group(3), m.group(4))]
+        return ("left" if A.center[0] < B.center[0] else "right") in a.split()
+    if m := re.match(r"is the (\w+) (\w+) above or below the (\w+) (\w+)", q, re.I):
+        A, B = objs[(m.group(1), m.group(2))], objs[(m.group(3), m.group(4))]
+        return ("above" if A.center[1] < B.center[1] else "below") in a.split()
+    if m := re.match(r"(?:is the|how big is the) (\w+) (\w+)", q, re.I):
+        return objs[(m.group(1), m.group(2))].attributes["size"] in a.split()
+    return None
+
+
+def test_every_answer_is_true_of_its_scene(world):
+    recs = generate_records(world, seed=0)
+    by_id = {a.id: a for a in world}
+    checked = 0
+    for r in recs:
+        parse_record(r)  # valid LLaVA records
+        ann = by_id[r["id"].rsplit("-", 1)[0]]
+        conv = r["conversations"]
+        if r["kind"] == "conversation":
+            for h, g in zip(conv[::2], conv[1::2]):
+                q = h["value"].replace("<image>", "").strip()
+                ok = check_qa(ann, q, g["value"])
+                assert ok is not None, q
+                assert ok, (r["id"], q, g["value"])
+                checked += 1
+        elif r["kind"] == "detail":
+            text = conv[1]["value"]
+            n = len(ann.boxes)
+            assert NUMBER_WORDS[n] in text
+            for (c, s), b in objects(ann).items():
+                assert f"{b.attributes['size']} {c} {s}" in text
+        else:
+            q, a = conv[0]["value"].replace("<image>", "").strip(), conv[1]["value"]
+            n = len(ann.boxes)
+            if q.startswith("If the"):
+                assert a.rstrip(".").endswith(f"{NUMBER_WORDS[n - 1]} {'object remains' if n == 2 else 'objects remain'}")
+            elif q.startswith("Suppose"):
+                col = re.search(r"repainted (\w+)", q).group(1)
+                now = sum(c == col for (c, s) in objects(ann))
+                assert f"{NUMBER_WORDS[now + 1]} {col}" in a
+            elif q.startswith("Which object is closest to the top"):
+                top = min(ann.boxes, key=lambda b: b.center[1])
+                assert a.rstrip(".").endswith(f"the {top.attributes['color']} {top.attributes['shape']} is closest to the top")
+            elif q.startswith("Are there more large"):
+                big = sum(b.attributes["size"] == "large" for b in ann.boxes)
+                assert a.rstrip(".").endswith("large objects" if big * 2 > n else "small objects")
+            else:
+                pytest.fail(f"unknown reasoning question {q!r}")
+            assert len(a.split()) > 12  # explains its steps
+    assert checked > 300
+
+
+def test_all_kinds_and_varied_phrasing(world):
+    recs = generate_records(world, seed=0)
+    assert {r["kind"] for r in recs} == set(KINDS)
+    firsts = {r["conversations"][0]["value"].replace("<image>", "").strip() for r in recs if r["kind"] == "detail"}
+    assert len(firsts) >= 10
+    placements = {r["conversations"][0]["value"].startswith("<image>") for r in recs}
+    assert placements == {True, False}
+    assert all(r["conversations"][i]["value"].count("<image>") == (1 if i == 0 else 0)
+               for r in recs for i in range(len(r["conversations"])))
+
+
+def test_deterministic_under_seed(world):
+    assert generate_records(world, seed=3) == generate_records(world, seed=3)
+    assert generate_records(world, seed=3) != generate_records(world, seed=4)
+
+
+def test_short_answer_questions_are_true(world):
+    qs = short_answer_questions(world, seed=0)
+    by_id = {a.id: a for a in world}
+    kinds = {q["kind"] for q in qs}
+    assert kinds == {"color", "shape", "count", "existence", "position", "size"}
+    for q in qs:
+        assert q["text"].endswith(SHORT_SUFFIX) and len(q["answer"].split()) == 1
+        assert check_qa(by_id[q["question_id"].rsplit("-", 1)[0]], q["text"], q["answer"]), q
+    yes = sum(q["answer"] == "yes" for q in qs if q["kind"] == "existence")
+    n = sum(q["kind"] == "existence" for q in qs)
+    assert 0.3 < yes / n < 0.7
+
+
+def test_rules_need_attributes():
+    ann = ImageAnnotation("coco-1", "1.jpg", 10, 10, ["a dog"], [Box("dog", (0, 0, 5, 5))])
+    with pytest.raises(RulesError, match="image 'coco-1'.*lacks attributes"):
+        generate_records([ann])
+    with pytest.raises(RulesError, match="unknown instruction kinds"):
+        generate_records([], kinds=["poetry"])

@@ -1,0 +1,41 @@
+import numpy as np
+from PIL import Image
+
+from vistune.instruct.annotations import load_annotations
+from vistune.instruct.synth import COLORS, WorldConfig, make_world
+
+
+def test_world_images_match_annotations(tmp_path):
+    anns = make_world(tmp_path, 30, seed=3)
+    assert load_annotations(tmp_path / "annotations.json") == anns
+    counts = set()
+    for a in anns:
+        img = np.asarray(Image.open(tmp_path / a.file))
+        assert img.shape == (64, 64, 3) and 64 <= a.width <= 128
+        assert len(a.captions) >= 3 and len(set(a.captions)) == len(a.captions)
+        pairs = {(b.attributes["color"], b.attributes["shape"]) for b in a.boxes}
+        assert len(pairs) == len(a.boxes)  # distinct objects: references are unambiguous
+        counts.add(len(a.boxes))
+        for b in a.boxes:
+            x1, y1, x2, y2 = map(int, b.bbox)
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            # The box centre shows the object's colour (allowing for a small overlap
+            # by a later object).
+            patch = img[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).astype(int)
+            want = np.array(COLORS[b.attributes["color"]])
+            assert (np.abs(patch - want).sum(1) < 40).any() or len(a.boxes) > 1
+            assert b.attributes["size"] in ("small", "large")
+    assert {1, 2, 3} <= counts
+
+
+def test_world_is_deterministic(tmp_path):
+    a = make_world(tmp_path / "a", 5, seed=7)
+    b = make_world(tmp_path / "b", 5, seed=7)
+    c = make_world(tmp_path / "c", 5, seed=8)
+    assert a == b and a != c
+    assert (tmp_path / "a" / a[0].file).read_bytes() == (tmp_path / "b" / b[0].file).read_bytes()
+
+
+def test_world_config_sizes(tmp_path):
+    anns = make_world(tmp_path, 4, seed=1, cfg=WorldConfig(image_size=96, max_objects=2))
+    assert all(a.width == 96 and len(a.boxes) <= 2 for a in anns)

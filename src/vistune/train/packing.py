@@ -53,6 +53,7 @@ class PackCollator:
         labels = torch.full((R, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((R, width), dtype=torch.long)
         order: list[int] = []
+        segments: list[tuple[int, int, int]] = []  # (row, start, length) per sample, in `order`
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -62,6 +63,7 @@ class PackCollator:
                 lab[0] = IGNORE_INDEX  # the previous sample's last token must not predict this one
                 labels[r, at:at + n] = lab
                 position_ids[r, at:at + n] = torch.arange(n)
+                segments.append((r, at, n))
                 at += n
                 order.append(i)
             # Trailing padding is a pseudo-sequence of its own (positions restart), so no
@@ -73,6 +75,7 @@ class PackCollator:
             "position_ids": position_ids,
             "labels": labels,
             "ids": [samples[i].get("id") for i in order],
+            "segments": segments,
             "num_tokens": int(sum(lengths)),
         }
         for key in ("pixel_values", "vision_features"):

@@ -61,6 +61,7 @@ class TrainResult:
     bad_records: list[dict] = field(default_factory=list)
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
+    main_process: bool = True  # False on the other processes of a distributed run
 
 
 def run(config: RunConfig, resume: str | None = None) -> TrainResult:
@@ -103,6 +104,9 @@ class Trainer:
         _check_trackers(t.report_to)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         acc = Accelerator(
+            # cpu=True when there is no accelerator: accelerate only sets up multi-process CPU
+            # (gloo) runs under torchrun / `accelerate launch` when told so.
+            cpu=not _has_accelerator(),
             mixed_precision=mixed_precision(t.precision, device_type),
             log_with=list(t.report_to) or None,
             project_dir=str(self.out),
@@ -276,7 +280,7 @@ class Trainer:
             first_loss=first_loss if first_loss is not None else float("nan"), steps=step,
             metrics_path=self.out / METRICS_FILE, projector_path=projector_path, checkpoint=last_saved,
             resumed_from=resumed_from, bad_records=bad, elapsed_s=elapsed,
-            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0,
+            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0, main_process=main,
         )
         if main:
             records = read_metrics(result.metrics_path)
@@ -391,6 +395,16 @@ class Trainer:
         if r.resumed_from:
             rows.append(("resumed from", f"`{r.resumed_from}`"))
         return write_summary(self.out / SUMMARY_FILE, rows, r.bad_records, title=f"Training run {self.out.name}")
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu"):
+        backend = getattr(torch, name, None) or getattr(torch.backends, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
 
 
 def _module(model, part: str):

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 through accelerate, in one CPU process (slow: DeepSpeed builds its ops)."""
+"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate, in one CPU process (slow: DeepSpeed builds its ops)."""
 import importlib.util
 import json
 import os
@@ -19,22 +19,23 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")]
 
 
-def launch(cfg_file, *overrides):
+def launch(zero, cfg_file, *overrides):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "configs/accelerate/deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port", "29561",
+           f"configs/accelerate/deepspeed_{zero}.yaml", "--num_processes", "1", "--main_process_port", "29561",
            "-m", "vistune.cli", "train", str(cfg_file), *overrides]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
 
-def test_zero2_matches_plain_training_and_resumes(tiny_data, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_matches_plain_training_and_resumes(tiny_data, tmp_path, zero):
     cfg = tiny_config(tiny_data, tmp_path / "ds", {"train.max_steps": 3, "train.grad_accum": 2,
                                                    "train.save_every": 2})
     cfg_file = tmp_path / "ds.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    launch(cfg_file)
+    launch(zero, cfg_file)
     plain = run(cfg.with_overrides([f"output_dir={tmp_path / 'plain'}"]))
     a = [json.loads(x)["loss"] for x in plain.metrics_path.read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()]
@@ -47,6 +48,6 @@ def test_zero2_matches_plain_training_and_resumes(tiny_data, tmp_path):
     # resume the DeepSpeed run from its step-2 checkpoint (optimizer shards and all)
     shutil.copytree(tmp_path / "ds" / "checkpoints" / "step-00000002",
                     tmp_path / "ds2" / "checkpoints" / "step-00000002")
-    launch(cfg_file, f"output_dir={tmp_path / 'ds2'}", "--resume")
+    launch(zero, cfg_file, f"output_dir={tmp_path / 'ds2'}", "--resume")
     c = [json.loads(x)["loss"] for x in (tmp_path / "ds2" / "metrics.jsonl").read_text().splitlines()]
     assert c[-1] == pytest.approx(a[-1], rel=1e-5)

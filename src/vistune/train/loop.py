@@ -157,7 +157,8 @@ class Trainer:
         acc.wait_for_everyone()
 
         set_seed(t.seed)
-        model, tok = build_model(cfg)
+        with _whole_models(acc):
+            model, tok = build_model(cfg)
         lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
         apply_modes(model, cfg)
         dataset = self._dataset(model, tok, acc)
@@ -272,7 +273,8 @@ class Trainer:
             # Gather the full weights (ZeRO-3 / FSDP hold shards) into a CPU copy to save.
             full = acc.get_state_dict(model)
             if main:
-                raw = _cpu_copy(raw, full)
+                with _whole_models(acc):
+                    raw = _cpu_copy(raw, full)
         if main:
             raw.eval()
             if lora_base is not None:
@@ -475,6 +477,27 @@ def _cpu_copy(raw, state: dict):
                            f"unexpected {sorted(unexpected)[:4]}")
     clone.language_model.tie_weights()
     return clone
+
+
+@contextlib.contextmanager
+def _whole_models(acc):
+    """Build whole models even under ZeRO-3 (it partitions them at prepare).
+
+    accelerate registers the DeepSpeed config with transformers, which then creates
+    ZeRO-3 models already partitioned; building runs the tower once to count its
+    tokens, which partitioned parameters cannot do.
+    """
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _sharded_launch() -> bool:

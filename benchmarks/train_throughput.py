@@ -11,7 +11,8 @@ short VQA answers and long descriptions):
 
 Steps of the compared systems are interleaved (round robin) so that the machine's
 load drifts affect all alike; the medians are compared. Peak memory is measured per
-system in a fresh subprocess (max RSS on CPU, max allocated on CUDA).
+system in a fresh subprocess: what its training steps add on top of the built model
+(resident set growth on CPU, peak allocated on CUDA): activations, gradients, AdamW state.
 
     python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.{json,md}
     python benchmarks/train_throughput.py --quick    # fewer steps
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +41,7 @@ from vistune.model.build import build_vlm  # noqa: E402
 from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E402
 from vistune.text.encode import encode_conversation  # noqa: E402
 from vistune.text.tokenizer import train_bpe_tokenizer  # noqa: E402
-from vistune.train.packing import PackCollator  # noqa: E402
+from vistune.train.packing import PackCollator, use_packed_attention  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 8
@@ -245,6 +245,7 @@ def build_systems(n_batches: int, bf16: bool, workdir: Path, only: str | None = 
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
     batches = [make_samples(model, tok, BATCH, seed=k) for k in range(n_batches)]
     padded = [model_batch(PadCollator(tok.pad_token_id)(b)) for b in batches]
+    use_packed_attention(model.language_model)  # what training does with data.packing (padded input: plain SDPA)
     # rows of up to max_length tokens, as training packs them (data.pack_length defaults to it)
     packed = [model_batch(PackCollator(tok.pad_token_id, capacity=model.config.max_length)(b)) for b in batches]
     tokens = [real_tokens(b) for b in batches]
@@ -286,6 +287,35 @@ def time_all(systems: dict, warmup: int, rounds: int) -> None:
             s.run_one(record=True)
 
 
+def rss_peak_during(fn) -> tuple[int, int]:
+    """(resident bytes before, peak resident bytes while ``fn`` runs), sampled every 2 ms."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return base, max(peak[0], rss())
+
+
 def peak_memory(name: str, args) -> float | None:
     """Peak memory (MB) of 3 steps of one system, in a fresh process."""
     cmd = [sys.executable, __file__, "--only", name, "--steps", "3", "--batches", "2"]
@@ -315,13 +345,15 @@ def main() -> int:
         if args.only:  # child process: peak memory of one system
             systems, _ = build_systems(args.batches, args.bf16, Path(wd), only=args.only)
             s = systems[args.only]
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.steps):
-                s.run_one(record=False)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            print(json.dumps({"peak_mb": round((peak - base) / 1024, 1), "process_peak_mb": round(peak / 1024, 1)}))
+                base = torch.cuda.memory_allocated()
+                for _ in range(args.steps):
+                    s.run_one(record=False)
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                base, peak = rss_peak_during(lambda: [s.run_one(record=False) for _ in range(args.steps)])
+            print(json.dumps({"peak_mb": round((peak - base) / 2**20, 1)}))
             return 0
         systems, shapes = build_systems(args.batches, args.bf16, Path(wd))
         time_all(systems, args.warmup, args.steps)
@@ -357,7 +389,7 @@ def main() -> int:
 
 def render_table(out: dict) -> str:
     lines = [f"# Training throughput ({out['device']}, {out['precision']}, batch {out['batch']})", "",
-             "| system | tokens/s | samples/s | step (s) | peak step memory (MB) |", "|---|---|---|---|---|"]
+             "| system | tokens/s | samples/s | step (s) | memory of the steps (MB) |", "|---|---|---|---|---|"]
     for name, r in out["systems"].items():
         mem = r.get("peak_step_memory_mb")
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['step_s_median']:.3f} | "

@@ -7,7 +7,7 @@ from vistune.data.collate import PadCollator
 from vistune.data.images import preprocess
 from vistune.text.encode import encode_conversation
 from vistune.train.batches import TrainCollator
-from vistune.train.packing import PackCollator, pack_rows
+from vistune.train.packing import PACKED_ATTENTION, PackCollator, pack_rows, use_packed_attention
 
 
 def samples(model, tok, n=6):
@@ -32,10 +32,14 @@ def test_pack_rows_first_fit_decreasing():
     assert pack_rows([12, 3], capacity=10) == [[0], [1]]  # too long: a row of its own
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen2"])
-def test_packed_loss_and_grads_equal_unpacked(tokenizer, text):
+@pytest.mark.parametrize("text,attention", [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", PACKED_ATTENTION),
+                                            ("qwen2", PACKED_ATTENTION)])
+def test_packed_loss_and_grads_equal_unpacked(tokenizer, text, attention):
     model, tok = make_model(tokenizer, text=text)
     model.train()
+    if attention == PACKED_ATTENTION:
+        assert use_packed_attention(model.language_model) == "sdpa"
+        assert model.language_model.config._attn_implementation == PACKED_ATTENTION
     ss = samples(model, tok)
     padded = PadCollator(tok.pad_token_id)(ss)
     longest = max(len(s["input_ids"]) for s in ss)
@@ -105,3 +109,6 @@ def test_training_with_packing_follows_the_unpacked_run(tmp_path, tiny_data):
     a, _ = losses(False)
     b, r = losses(True)
     assert b == pytest.approx(a, rel=1e-4)
+    # the saved model is back on standard attention
+    saved = json.loads((r.model_dir / "config.json").read_text())["text"]
+    assert saved.get("_attn_implementation", "sdpa") in ("sdpa", None)

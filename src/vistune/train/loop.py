@@ -28,6 +28,7 @@ from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
+from .packing import use_packed_attention
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, param_groups, save_projector,
                      set_train_mode, trainable_state_dict)
@@ -161,6 +162,7 @@ class Trainer:
             model, tok = build_model(cfg)
         lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
         apply_modes(model, cfg)
+        restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None
         dataset = self._dataset(model, tok, acc)
         n = len(dataset)
         if n == 0:
@@ -275,6 +277,8 @@ class Trainer:
             if main:
                 with _whole_models(acc):
                     raw = _cpu_copy(raw, full)
+        if restore_attn is not None:
+            _base_lm(raw).set_attn_implementation(restore_attn)  # saved models load with the standard one
         if main:
             raw.eval()
             if lora_base is not None:
@@ -512,6 +516,11 @@ def _has_accelerator() -> bool:
         if backend is not None and getattr(backend, "is_available", lambda: False)():
             return True
     return False
+
+
+def _base_lm(model):
+    lm = model.language_model
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def _module(model, part: str):

@@ -82,3 +82,57 @@ class PackCollator:
             parts = [samples[i][key] for i in order if samples[i].get(key) is not None]
             batch[key] = torch.cat(parts) if parts else None
         return batch
+
+
+# -- attention over packed rows ------------------------------------------------------------
+# SDPA with the dense block-diagonal mask computes every query against every key of the
+# row and only then masks: a row of 8 packed samples costs 8x the attention FLOPs it
+# needs. This attention runs SDPA (causal, no mask) on each sample's span instead, so
+# packed rows cost what the samples cost. Unpacked inputs (padding masks, generation
+# with a cache) go to plain SDPA unchanged. On GPUs, flash-attention's varlen kernels do
+# the same from the position ids, and are kept when the model uses them.
+PACKED_ATTENTION = "vistune_packed"
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    position_ids = kwargs.get("position_ids")
+    q_len = query.shape[2]
+    if position_ids is None or kwargs.get("cache") is not None or key.shape[2] != q_len or q_len == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    position_ids = position_ids.expand(query.shape[0], -1)
+    seq_ids = find_packed_sequence_indices(position_ids)
+    if seq_ids is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    kw = {k: v for k, v in kwargs.items() if k not in ("position_ids", "is_causal")}
+    rows = []
+    for b in range(query.shape[0]):
+        starts = (torch.diff(seq_ids[b], prepend=seq_ids[b, :1] - 1) != 0).nonzero().flatten().tolist() + [q_len]
+        parts = [
+            sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                   None, dropout, scaling, is_causal=True, **kw)[0]
+            for s, e in zip(starts[:-1], starts[1:])
+        ]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def use_packed_attention(language_model) -> str | None:
+    """Switch an LM from SDPA / eager to per-sample attention for packed rows.
+
+    Returns the implementation it replaced (to restore before saving), or None when
+    the model keeps its own (flash-attention handles packed rows itself).
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    current = base.config._attn_implementation
+    if current not in ("sdpa", "eager"):
+        return None
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return current

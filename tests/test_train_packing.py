@@ -24,12 +24,18 @@ def samples(model, tok, n=6):
     return out
 
 
-def test_pack_rows_first_fit_decreasing():
-    rows = pack_rows([5, 3, 8, 2, 7], capacity=10)
+def test_pack_rows_fills_few_rows_evenly():
+    lengths = [5, 3, 8, 2, 7]
+    rows = pack_rows(lengths, capacity=10)
     assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
-    assert all(sum([5, 3, 8, 2, 7][i] for i in r) <= 10 for r in rows)
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
     assert len(rows) == 3
-    assert pack_rows([12, 3], capacity=10) == [[0], [1]]  # too long: a row of its own
+    # wide capacity: 2 rows of about half the tokens each, not one full row and a stub
+    lengths = [218, 195, 119, 204, 114, 223, 115, 113]
+    fills = sorted(sum(lengths[i] for i in r) for r in pack_rows(lengths, capacity=1024))
+    assert len(fills) == 2 and fills[1] - fills[0] < 120
+    assert pack_rows([12, 3], capacity=10) == [[0], [1]]  # a sample over capacity gets a row of its own
+    assert pack_rows([12, 3, 2], capacity=10) == [[0], [1, 2]]
 
 
 @pytest.mark.parametrize("text,attention", [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", PACKED_ATTENTION),

@@ -16,25 +16,29 @@ from ..text.encode import IGNORE_INDEX
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices per row, rows of at most ``capacity`` tokens.
+    """Sample indices per row: as few rows as fit ``capacity`` tokens, filled evenly.
 
-    A sample longer than ``capacity`` gets a row of its own (it was already cut to
-    max_length by preprocessing). Within a row, samples keep their batch order, so
-    images stay in the order the model fills them.
+    Rows are padded to the fullest one, so even fills waste least: with R rows, the
+    samples go longest first to the emptiest row; R starts at total / capacity and
+    grows until every row fits. A sample longer than ``capacity`` (already cut to
+    max_length by preprocessing) widens the limit to its own length. Within a row,
+    samples keep their batch order, so images stay in the order the model fills them.
     """
+    if not lengths:
+        return []
+    capacity = max(capacity, max(lengths))
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i in order:
-        for r, used in enumerate(fill):
-            if used + lengths[i] <= capacity:
-                rows[r].append(i)
-                fill[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            fill.append(lengths[i])
-    return [sorted(r) for r in rows]
+    n_rows = max(1, -(-sum(lengths) // capacity))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        fill = [0] * n_rows
+        for i in order:
+            r = min(range(n_rows), key=fill.__getitem__)
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if max(fill) <= capacity:
+            return [sorted(r) for r in rows if r]
+        n_rows += 1
 
 
 @dataclass

@@ -261,6 +261,9 @@ def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = No
 
     if not cfg.data.train:
         raise ConfigError("data.train is required to cache features")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # the very tower training builds (random towers of tiny from-scratch runs too)
     model, _ = build_model(cfg)
     if torch.cuda.is_available():
         model.vision.to("cuda")

@@ -104,8 +104,14 @@ class Trainer:
     def _accelerator(self):
         from accelerate import Accelerator
 
+        from accelerate.state import AcceleratorState, GradientState
+
         t = self.cfg.train
         _check_trackers(t.report_to)
+        # accelerate keeps one process-wide state; a second run in the same process (stage 1
+        # then stage 2, a notebook) may want another precision. The process group stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         acc = Accelerator(
             # cpu=True when there is no accelerator: accelerate only sets up multi-process CPU

@@ -71,3 +71,26 @@ def test_a_tiny_model_learns_a_small_repeated_batch(tiny_data, tmp_path):
     r = run(cfg)
     assert r.steps == 30
     assert r.final_loss < 0.3 * r.first_loss, (r.first_loss, r.final_loss)
+
+
+def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from vistune.train import ConfigError
+
+    def losses(name, extra):
+        cfg = tiny_config(tiny_data, tmp_path / name, {"model": {"from": str(base_model_dir)}, "train.max_steps": 2,
+                                                       **extra})
+        return [json.loads(x)["loss"] for x in run(cfg).metrics_path.read_text().splitlines()]
+
+    ref = losses("ref", {})
+    assert losses("ckpt", {"train.gradient_checkpointing": True}) == pytest.approx(ref, rel=1e-5)
+    bf16 = losses("bf16", {"train.precision": "bf16"})  # autocast on CPU
+    assert bf16 == pytest.approx(ref, rel=3e-2) and bf16 != ref
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        losses("fp16", {"train.precision": "fp16"})
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        with pytest.raises(ConfigError, match="tensorboard is not installed"):
+            losses("tb", {"train.report_to": ["tensorboard"]})

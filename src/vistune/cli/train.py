@@ -62,6 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, TooManyBadRecords) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not r.main_process:
+        return 0
     print(f"trained {r.steps} steps in {r.elapsed_s:.1f} s: loss {r.first_loss:.4f} -> {r.final_loss:.4f}, "
           f"{r.tokens_per_s:.0f} tokens/s, {len(r.bad_records)} bad record(s) skipped")
     print(f"model: {r.model_dir}")

@@ -103,10 +103,15 @@ def save_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], optimizer
     with atomic_directory(path) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler_state))
-        (tmp / "rng.json").write_text(json.dumps(rng_states))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_loop_state(tmp, scheduler_state=scheduler_state, rng_states=rng_states, state=state)
     return path
+
+
+def write_loop_state(path: Path, *, scheduler_state: dict, rng_states: list[dict], state: dict) -> None:
+    """Schedule, RNG and position; trainer_state.json last, as it marks the checkpoint complete."""
+    (path / "scheduler.json").write_text(json.dumps(scheduler_state))
+    (path / "rng.json").write_text(json.dumps(rng_states))
+    (path / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def read_state(path: str | Path) -> dict:

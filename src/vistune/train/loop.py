@@ -11,12 +11,15 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+from accelerate.utils import DistributedType
 
 from .. import __version__
 from ..data.dataset import VLDataset, text_settings_for
@@ -25,6 +28,7 @@ from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
+from .packing import use_packed_attention
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, param_groups, save_projector,
                      set_train_mode, trainable_state_dict)
@@ -61,6 +65,7 @@ class TrainResult:
     bad_records: list[dict] = field(default_factory=list)
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
+    main_process: bool = True  # False on the other processes of a distributed run
 
 
 def run(config: RunConfig, resume: str | None = None) -> TrainResult:
@@ -99,10 +104,20 @@ class Trainer:
     def _accelerator(self):
         from accelerate import Accelerator
 
+        from accelerate.state import AcceleratorState, GradientState
+
         t = self.cfg.train
         _check_trackers(t.report_to)
+        # accelerate keeps one process-wide state; a second run in the same process (stage 1
+        # then stage 2, a notebook) may want another precision. The process group stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         acc = Accelerator(
+            # cpu=True when there is no accelerator: accelerate only sets up multi-process CPU
+            # (gloo) runs under torchrun / `accelerate launch` when told so.
+            # (DeepSpeed / FSDP launches set up their own process groups.)
+            cpu=not _has_accelerator() and not _sharded_launch(),
             mixed_precision=mixed_precision(t.precision, device_type),
             log_with=list(t.report_to) or None,
             project_dir=str(self.out),
@@ -149,9 +164,11 @@ class Trainer:
         acc.wait_for_everyone()
 
         set_seed(t.seed)
-        model, tok = build_model(cfg)
+        with _whole_models(acc):
+            model, tok = build_model(cfg)
         lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
         apply_modes(model, cfg)
+        restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None
         dataset = self._dataset(model, tok, acc)
         n = len(dataset)
         if n == 0:
@@ -168,6 +185,9 @@ class Trainer:
         warmup = math.ceil(t.warmup_ratio * total)
         sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
         scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            _fill_deepspeed_config(acc, t)
         model, optimizer = acc.prepare(model, optimizer)
         raw = acc.unwrap_model(model)
 
@@ -257,6 +277,14 @@ class Trainer:
         acc.wait_for_everyone()
         model_dir = self.out / "model"
         projector_path = None
+        if self.sharded:
+            # Gather the full weights (ZeRO-3 / FSDP hold shards) into a CPU copy to save.
+            full = acc.get_state_dict(model)
+            if main:
+                with _whole_models(acc):
+                    raw = _cpu_copy(raw, full)
+        if restore_attn is not None:
+            _base_lm(raw).set_attn_implementation(restore_attn)  # saved models load with the standard one
         if main:
             raw.eval()
             if lora_base is not None:
@@ -276,7 +304,7 @@ class Trainer:
             first_loss=first_loss if first_loss is not None else float("nan"), steps=step,
             metrics_path=self.out / METRICS_FILE, projector_path=projector_path, checkpoint=last_saved,
             resumed_from=resumed_from, bad_records=bad, elapsed_s=elapsed,
-            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0,
+            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0, main_process=main,
         )
         if main:
             records = read_metrics(result.metrics_path)
@@ -300,9 +328,14 @@ class Trainer:
 
             new_bad = gather_object(new_bad)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else acc.no_sync(model)
+            sync = contextlib.nullcontext() if last or world == 1 or deepspeed else acc.no_sync(model)
+            if deepspeed:
+                # DeepSpeed steps at accumulation boundaries that accelerate marks; the
+                # window may be shorter than grad_accum at the end of an epoch.
+                acc.gradient_state._set_sync_gradients(last)
             with sync:
                 has_data = batch["num_samples"] > 0 and n_sup > 0
                 if has_data:
@@ -321,7 +354,11 @@ class Trainer:
                     loss = loss + sum(p.sum() for p in maybe_unused) * 0.0
                 acc.backward(loss)
         gnorm = None
-        if n_sup > 0 and self.cfg.train.max_grad_norm:
+        if deepspeed:
+            acc.gradient_state._set_sync_gradients(True)
+            g = acc.deepspeed_engine_wrapped.get_global_grad_norm()  # DeepSpeed clipped inside its step
+            gnorm = float(g) if g is not None else None
+        elif n_sup > 0 and self.cfg.train.max_grad_norm:
             gnorm = float(acc.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm))
         optimizer.step()  # a step of only bad records has no gradients: AdamW leaves the weights alone
         scheduler.step()
@@ -338,11 +375,27 @@ class Trainer:
 
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         path = ckpt.checkpoint_dir(self.out, step)
-        if acc.is_main_process:
-            state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "plan": plan_info,
-                     "vistune_version": __version__, "processes": acc.num_processes}
+        state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "plan": plan_info,
+                 "vistune_version": __version__, "processes": acc.num_processes, "sharded": self.sharded}
+        if self.sharded:
+            # DeepSpeed / FSDP shard weights and optimizer state over processes: every process
+            # writes its shard (accelerate's save_state) into a temporary directory that the
+            # main process renames once all are done.
+            tmp = path.with_name(f".{path.name}.tmp-sharded")
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp / "engine"))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                ckpt.write_loop_state(tmp, scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+        elif acc.is_main_process:
             ckpt.save_checkpoint(path, trainable=trainable_state_dict(raw), optimizer_state=optimizer.state_dict(),
                                  scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state)
+        if acc.is_main_process:
             ckpt.prune(self.out, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return path
@@ -354,8 +407,14 @@ class Trainer:
             shown = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
             raise ConfigError(f"cannot resume from {path}: the data plan changed ({shown}); "
                               "use the original settings or a new output_dir")
-        ckpt.load_trainable(raw, path)
-        optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+        if state.get("sharded", False) != self.sharded:
+            raise ConfigError(f"cannot resume from {path}: it was written "
+                              f"{'with' if state.get('sharded') else 'without'} DeepSpeed/FSDP sharding")
+        if self.sharded:
+            self.acc.load_state(str(path / "engine"))
+        else:
+            ckpt.load_trainable(raw, path)
+            optimizer.load_state_dict(ckpt.load_optimizer_state(path))
         scheduler.load_state_dict(ckpt.load_scheduler_state(path))
         rngs = ckpt.load_rng_states(path)
         rank = self.acc.process_index
@@ -391,6 +450,83 @@ class Trainer:
         if r.resumed_from:
             rows.append(("resumed from", f"`{r.resumed_from}`"))
         return write_summary(self.out / SUMMARY_FILE, rows, r.bad_records, title=f"Training run {self.out.name}")
+
+
+def _fill_deepspeed_config(acc, t) -> None:
+    """Fill the DeepSpeed JSON's "auto" entries from the run config.
+
+    vistune marks accumulation boundaries itself (windows can be short at an epoch's
+    end), so DeepSpeed sees an accumulation of 1 and steps when told.
+    """
+    c = acc.state.deepspeed_plugin.deepspeed_config
+    c["train_micro_batch_size_per_gpu"] = t.batch_size
+    c["gradient_accumulation_steps"] = 1
+    c["train_batch_size"] = t.batch_size * acc.num_processes
+    c["gradient_clipping"] = float(t.max_grad_norm or 0.0)
+    zero = c.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            zero[key] = int(5e8) if key != "stage3_param_persistence_threshold" else int(1e6)
+
+
+def _cpu_copy(raw, state: dict):
+    """A CPU model with the architecture of ``raw`` holding the gathered ``state``."""
+    import copy
+
+    from ..model.checkpoint import model_from_config
+
+    if any(n for n in state if "lora_" in n):
+        clone = copy.deepcopy(raw).cpu()
+        clone.load_state_dict(state, strict=False)
+        return clone
+    clone = model_from_config(copy.deepcopy(raw.config), init=False)
+    missing, unexpected = clone.load_state_dict(state, strict=False)
+    tied = {n for n in missing if "lm_head" in n or "embed" in n}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {sorted(missing)[:4]}, "
+                           f"unexpected {sorted(unexpected)[:4]}")
+    clone.language_model.tie_weights()
+    return clone
+
+
+@contextlib.contextmanager
+def _whole_models(acc):
+    """Build whole models even under ZeRO-3 (it partitions them at prepare).
+
+    accelerate registers the DeepSpeed config with transformers, which then creates
+    ZeRO-3 models already partitioned; building runs the tower once to count its
+    tokens, which partitioned parameters cannot do.
+    """
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _sharded_launch() -> bool:
+    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu"):
+        backend = getattr(torch, name, None) or getattr(torch.backends, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
+def _base_lm(model):
+    lm = model.language_model
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def _module(model, part: str):

@@ -1,0 +1,407 @@
+"""Training throughput: vistune vs transformers' LlavaForConditionalGeneration.
+
+One stage-2 training step (forward, backward, AdamW; tower frozen, projector + LLM
+learning) on identical weights, config and batches (batch 8, a LLaVA-like mix of
+short VQA answers and long descriptions):
+
+    padded         vistune, padded batches            vs  LlavaForConditionalGeneration, padded
+    packed         vistune, packed rows (no padding)  vs  LlavaForConditionalGeneration, padded
+    feature cache  vistune stage 1 reading cached tower features (vistune cache-features)
+                   vs vistune stage 1 opening images and running the tower, data loading included
+
+Steps of the compared systems are interleaved (round robin) so that the machine's
+load drifts affect all alike; the medians are compared. Peak memory is measured per
+system in a fresh subprocess: what its training steps add on top of the built model
+(resident set growth on CPU, peak allocated on CUDA): activations, gradients, AdamW state.
+
+    python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.{json,md}
+    python benchmarks/train_throughput.py --quick    # fewer steps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vistune.data.collate import PadCollator  # noqa: E402
+from vistune.data.images import preprocess  # noqa: E402
+from vistune.model.build import build_vlm  # noqa: E402
+from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E402
+from vistune.text.encode import encode_conversation  # noqa: E402
+from vistune.text.tokenizer import train_bpe_tokenizer  # noqa: E402
+from vistune.train.packing import PackCollator, use_packed_attention  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BATCH = 8
+# The "6M" size of /work/shared/ENVIRONMENT.md: LM 256 x 4, ViT 128 x 4, 64 px / patch 8 (64 tokens).
+SIZE = {"lm_hidden": 256, "lm_layers": 4, "vit_hidden": 128, "vit_layers": 4, "image": 64, "patch": 8,
+        "vocab": 4096}
+
+WORDS = ("the a red green blue small large circle square person dog cat car tree street table left right "
+         "top bottom near far sitting standing holding wearing picture image scene background front behind "
+         "two three several people building sky road window light water grass white black yellow").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def make_tokenizer():
+    rng = random.Random(0)
+    texts = [sentence(rng, rng.randint(5, 20)) for _ in range(3000)]
+    texts += ["A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:"] * 50
+    return train_bpe_tokenizer(texts, vocab_size=2048)
+
+
+def make_model(tok):
+    torch.manual_seed(0)
+    vision = tiny_vision_config("clip", image_size=SIZE["image"], patch_size=SIZE["patch"],
+                                hidden_size=SIZE["vit_hidden"], layers=SIZE["vit_layers"], heads=4)
+    text = tiny_text_config("llama", vocab_size=SIZE["vocab"], hidden_size=SIZE["lm_hidden"],
+                            layers=SIZE["lm_layers"], heads=8, max_positions=2048)
+    model, tok = build_vlm(vision, text, tok, projector_type="mlp2x_gelu", template="vicuna_v1", max_length=1024)
+    return model, tok
+
+
+def llava_twin(model):
+    """LlavaForConditionalGeneration with the very same weights as the vistune model."""
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vcfg = model.vision.model.config
+    tcfg = model.language_model.config
+    cfg = LlavaConfig(vision_config=AutoConfig.for_model(**vcfg.to_dict()).to_dict(),
+                      text_config=tcfg.to_dict(), image_token_index=model.image_token_id,
+                      image_seq_length=model.config.num_image_tokens, projector_hidden_act="gelu",
+                      vision_feature_layer=model.config.vision_feature_layer,
+                      vision_feature_select_strategy="default")
+    twin = LlavaForConditionalGeneration(cfg)
+    twin.model.vision_tower.load_state_dict(model.vision.model.state_dict())
+    proj = model.projector
+    twin.model.multi_modal_projector.linear_1.load_state_dict(proj[0].state_dict())
+    twin.model.multi_modal_projector.linear_2.load_state_dict(proj[2].state_dict())
+    twin.model.language_model.load_state_dict(model.language_model.model.state_dict())
+    twin.lm_head.load_state_dict(model.language_model.lm_head.state_dict())
+    return twin
+
+
+def make_samples(model, tok, n: int, seed: int, stage: int = 2) -> list[dict]:
+    """LLaVA-like mix: ~60 % short VQA (1-4 word answers), ~40 % long descriptions."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        if stage == 1:
+            turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": sentence(rng, rng.randint(6, 14))}]
+            template = "plain"
+        else:
+            if rng.random() < 0.6:
+                q, a = sentence(rng, rng.randint(6, 14)), sentence(rng, rng.randint(1, 4))
+            else:
+                q, a = "Describe the image in detail.", " ".join(sentence(rng, rng.randint(8, 16))
+                                                               for _ in range(rng.randint(5, 10)))
+            turns = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+            template = "vicuna_v1"
+        enc = encode_conversation(tok, template, turns, image_token_id=model.image_token_id,
+                                  num_image_tokens=model.config.num_image_tokens, max_length=1024, record_id=i)
+        pix = torch.randn(1, 3, SIZE["image"], SIZE["image"], generator=gen)
+        out.append({"id": str(i), "input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels),
+                    "pixel_values": pix})
+    return out
+
+
+def set_stage(model, stage: int):
+    model.vision.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    model.language_model.requires_grad_(stage == 2)
+    model.train()
+    model.vision.eval()
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def set_stage_twin(twin):
+    twin.model.vision_tower.requires_grad_(False)
+    twin.train()
+    twin.model.vision_tower.eval()
+    return torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-5)
+
+
+class System:
+    """One thing to time: a step function over a list of prepared batches."""
+
+    def __init__(self, name, step, batches, tokens):
+        self.name, self.step, self.batches, self.tokens = name, step, batches, tokens
+        self.times: list[float] = []
+        self.i = 0
+
+    def run_one(self, record: bool) -> None:
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        t0 = time.perf_counter()
+        self.step(b)
+        dt = time.perf_counter() - t0
+        if record:
+            self.times.append(dt)
+
+    def summary(self) -> dict:
+        med = statistics.median(self.times)
+        tokens = statistics.mean(self.tokens)
+        return {"step_s_median": round(med, 4), "tokens_per_step": round(tokens, 1),
+                "tokens_per_s": round(tokens / med, 1), "samples_per_s": round(BATCH / med, 2),
+                "steps_timed": len(self.times)}
+
+
+def vistune_step(model, opt, autocast):
+    def step(batch):
+        with autocast():
+            out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def llava_step(twin, opt, autocast):
+    def step(batch):
+        with autocast():
+            out = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], labels=batch["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def model_batch(b: dict) -> dict:
+    return {k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values",
+                              "vision_features") if b.get(k) is not None}
+
+
+def real_tokens(samples) -> int:
+    return sum(len(s["input_ids"]) for s in samples)
+
+
+# -- stage 1 through the real data path: images on disk vs the feature cache ------------------
+def stage1_systems(model, tok, workdir: Path, n_batches: int, autocast):
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from vistune.data.dataset import VLDataset, text_settings_for
+    from vistune.data.records import write_records
+    from vistune.train.batches import TrainCollator
+    from vistune.train.features import FeatureCache, FeatureDataset, ensure_cache
+
+    rng = random.Random(1)
+    img_dir = workdir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(BATCH * n_batches):
+        arr = torch.randint(0, 255, (96, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        Image.fromarray(arr.numpy()).save(img_dir / f"{i}.jpg", quality=90)
+        recs.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": sentence(rng, rng.randint(6, 14))}]})
+    data = workdir / "stage1.jsonl"
+    write_records(recs, data)
+    text = text_settings_for(model.config, tok, template="plain")
+    ensure_cache(model, data, img_dir, workdir / "fc", progress=False)
+    pix_ds = VLDataset(data, text, img_dir, model.config.image)
+    feat_ds = FeatureDataset(pix_ds.records, text, FeatureCache(workdir / "fc"), model.config.image)
+    collate = TrainCollator(tok.pad_token_id)
+    opt = set_stage(model, 1)
+    step = vistune_step(model, opt, autocast)
+
+    def from_loader(ds):
+        batches = [list(range(k * BATCH, (k + 1) * BATCH)) for k in range(n_batches)]
+        loader = DataLoader(ds, batch_size=None, sampler=batches, collate_fn=lambda idx: collate([ds[i] for i in idx]))
+
+        def run(k):
+            batch = collate([ds[i] for i in batches[k % n_batches]])
+            step(model_batch(batch))
+        return run, loader
+
+    tokens = [real_tokens([pix_ds[i] for i in range(k * BATCH, (k + 1) * BATCH)]) for k in range(n_batches)]
+    run_pix, _ = from_loader(pix_ds)
+    run_feat, _ = from_loader(feat_ds)
+    return (System("stage1_pixels", run_pix, list(range(n_batches)), tokens),
+            System("stage1_feature_cache", run_feat, list(range(n_batches)), tokens))
+
+
+def build_systems(n_batches: int, bf16: bool, workdir: Path, only: str | None = None):
+    tok = make_tokenizer()
+    model, tok = make_model(tok)
+    twin = llava_twin(model)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
+    batches = [make_samples(model, tok, BATCH, seed=k) for k in range(n_batches)]
+    padded = [model_batch(PadCollator(tok.pad_token_id)(b)) for b in batches]
+    use_packed_attention(model.language_model)  # what training does with data.packing (padded input: plain SDPA)
+    # rows of up to max_length tokens, as training packs them (data.pack_length defaults to it)
+    packed = [model_batch(PackCollator(tok.pad_token_id, capacity=model.config.max_length)(b)) for b in batches]
+    tokens = [real_tokens(b) for b in batches]
+
+    # Same weights, same batch, same loss: check before timing anything.
+    with torch.no_grad():
+        a = model(**padded[0]).loss
+        b = twin(input_ids=padded[0]["input_ids"], attention_mask=padded[0]["attention_mask"],
+                 pixel_values=padded[0]["pixel_values"], labels=padded[0]["labels"]).loss
+        c = model(**packed[0]).loss
+    assert torch.allclose(a, b, rtol=1e-4), (float(a), float(b))
+    assert torch.allclose(a, c, rtol=1e-4), (float(a), float(c))
+
+    systems = {}
+    want = (lambda n: only is None or n == only)
+    if want("vistune_padded") or want("vistune_packed") or want("llava_padded"):
+        # separate optimizers on separate copies would double memory; the models' weights
+        # drift identically in neither case, which does not change step cost.
+        opt = set_stage(model, 2)
+        opt_twin = set_stage_twin(twin)
+        systems["vistune_padded"] = System("vistune_padded", vistune_step(model, opt, autocast), padded, tokens)
+        systems["vistune_packed"] = System("vistune_packed", vistune_step(model, opt, autocast), packed, tokens)
+        systems["llava_padded"] = System("llava_padded", llava_step(twin, opt_twin, autocast), padded, tokens)
+    if want("stage1_pixels") or want("stage1_feature_cache"):
+        s_pix, s_feat = stage1_systems(model, tok, workdir, n_batches, autocast)
+        systems[s_pix.name], systems[s_feat.name] = s_pix, s_feat
+    shapes = {"padded_shape": list(padded[0]["input_ids"].shape), "packed_shape": list(packed[0]["input_ids"].shape),
+              "pad_fraction": round(1 - sum(tokens) / sum(p["input_ids"].numel() for p in padded), 3),
+              "sample_lengths": [len(s["input_ids"]) for s in batches[0]]}
+    return {k: v for k, v in systems.items() if want(k)}, shapes
+
+
+def time_all(systems: dict, warmup: int, rounds: int) -> None:
+    for s in systems.values():
+        for _ in range(warmup):
+            s.run_one(record=False)
+    for _ in range(rounds):
+        for s in systems.values():  # interleaved: load drift hits every system alike
+            s.run_one(record=True)
+
+
+def rss_peak_during(fn) -> tuple[int, int]:
+    """(resident bytes before, peak resident bytes while ``fn`` runs), sampled every 2 ms."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return base, max(peak[0], rss())
+
+
+def peak_memory(name: str, args) -> float | None:
+    """Peak memory (MB) of 3 steps of one system, in a fresh process."""
+    cmd = [sys.executable, __file__, "--only", name, "--steps", "3", "--batches", "2"]
+    if args.bf16:
+        cmd.append("--bf16")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        print(p.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per system")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-system peak-memory subprocesses")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as wd:
+        if args.only:  # child process: peak memory of one system
+            systems, _ = build_systems(args.batches, args.bf16, Path(wd), only=args.only)
+            s = systems[args.only]
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                for _ in range(args.steps):
+                    s.run_one(record=False)
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                base, peak = rss_peak_during(lambda: [s.run_one(record=False) for _ in range(args.steps)])
+            print(json.dumps({"peak_mb": round((peak - base) / 2**20, 1)}))
+            return 0
+        systems, shapes = build_systems(args.batches, args.bf16, Path(wd))
+        time_all(systems, args.warmup, args.steps)
+    res = {name: s.summary() for name, s in systems.items()}
+    if not args.no_memory:
+        for name in res:
+            res[name]["peak_step_memory_mb"] = peak_memory(name, args)
+
+    def ratio(a, b):
+        return round(res[a]["tokens_per_s"] / res[b]["tokens_per_s"], 3)
+
+    out = {
+        "benchmark": "train_throughput",
+        "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
+        "model": SIZE, "batch": BATCH, "batches": shapes,
+        "systems": res,
+        "padded_ratio": ratio("vistune_padded", "llava_padded"),
+        "packed_ratio": ratio("vistune_packed", "llava_padded"),
+        "feature_cache_ratio": ratio("stage1_feature_cache", "stage1_pixels"),
+        "targets": {"padded_ratio": 1.0, "packed_ratio": 1.5, "feature_cache_ratio": 1.5},
+        "command": "python benchmarks/train_throughput.py" + (" --bf16" if args.bf16 else ""),
+    }
+    out["meets_targets"] = {k: out[k] >= v for k, v in out["targets"].items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
+    table = render_table(out)
+    (RESULTS / "train_throughput.md").write_text(table)
+    print(table)
+    return 0
+
+
+def render_table(out: dict) -> str:
+    lines = [f"# Training throughput ({out['device']}, {out['precision']}, batch {out['batch']})", "",
+             "| system | tokens/s | samples/s | step (s) | memory of the steps (MB) |", "|---|---|---|---|---|"]
+    for name, r in out["systems"].items():
+        mem = r.get("peak_step_memory_mb")
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['step_s_median']:.3f} | "
+                     f"{'-' if mem is None else mem} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    for k, v in out["targets"].items():
+        lines.append(f"| {k} | {out[k]:.2f}x | >= {v}x {'(met)' if out['meets_targets'][k] else '(not met)'} |")
+    b = out["batches"]
+    lines += ["", f"Padded batch {b['padded_shape']} ({b['pad_fraction']:.0%} padding), packed {b['packed_shape']}; "
+              f"sample lengths {b['sample_lengths']}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Feature cache for frozen vision towers.
+
+With the tower frozen (stage 1, and LLaVA's stage 2), its output for an image never
+changes, so it can be computed once and read back at every epoch and every run:
+
+    DIR/index.json                     format, fingerprint, which shard holds each record
+    DIR/features-00000.safetensors     one tensor per record: "r<index>" (images, tokens, width)
+
+The fingerprint covers the tower's weights and feature settings, the image settings,
+the data file's content and every referenced image's size and modification time;
+any change rebuilds the cache (the log says which part changed). The cache is written
+to a temporary directory and renamed, so an interrupted build leaves no half cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..data.dataset import SampleError, TextSettings, VLDataset
+from ..data.images import ImageError, load_pixels, resolve_image_path
+from ..data.records import RecordError, RecordFile
+from ..model.checkpoint import atomic_directory
+from ..model.vlm import VisionLanguageModel
+from ..text.encode import EncodingError, encode_conversation
+from .config import ConfigError, RunConfig
+
+log = logging.getLogger("vistune.train")
+
+CACHE_FORMAT = 1
+INDEX = "index.json"
+
+
+# -- fingerprint ---------------------------------------------------------------------
+def _hash_tensors(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(model: VisionLanguageModel, data_file: str | os.PathLike, image_dir: str | os.PathLike | None,
+                records: RecordFile) -> dict:
+    """What the cached features depend on, part by part."""
+    tower = model.vision
+    images = hashlib.sha256()
+    for i in range(len(records)):
+        try:
+            rec = records[i]
+        except RecordError:
+            continue
+        for name in rec.images:
+            p = resolve_image_path(name, image_dir)
+            try:
+                st = p.stat()
+                images.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                images.update(f"{name}\0missing\n".encode())
+    return {
+        "encoder": _hash_tensors(tower.model),
+        "feature_settings": f"layer={tower.feature_layer} select={tower.select}",
+        "image_settings": json.dumps(model.config.image.to_dict(), sort_keys=True),
+        "data": _hash_file(Path(data_file)),
+        "images": images.hexdigest(),
+    }
+
+
+# -- reading ---------------------------------------------------------------------------
+class FeatureCache:
+    """Read access to a built cache (shards opened lazily, memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.index = json.loads((self.path / INDEX).read_text())
+        self.where = {int(k): v for k, v in self.index["records"].items()}
+        self.bad = {int(k): v for k, v in self.index["bad"].items()}
+        self._open: dict[str, object] = {}
+
+    def get(self, i: int) -> torch.Tensor:
+        shard = self.where[i]
+        f = self._open.get(shard)
+        if f is None:
+            f = self._open[shard] = safe_open(str(self.path / shard), "pt")
+        return f.get_tensor(f"r{i}")
+
+    def __getstate__(self):  # DataLoader workers reopen the shards themselves
+        d = dict(self.__dict__)
+        d["_open"] = {}
+        return d
+
+
+def read_index(path: str | os.PathLike) -> dict | None:
+    f = Path(path) / INDEX
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+class FeatureDataset(VLDataset):
+    """VLDataset that reads the tower's features from the cache instead of opening images."""
+
+    def __init__(self, records: RecordFile, text: TextSettings, cache: FeatureCache, image_config):
+        super().__init__(records, text, None, image_config)
+        self.cache = cache
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.record(i)
+        if i in self.cache.bad:
+            raise SampleError(rec.id, self.cache.bad[i])
+        try:
+            enc = encode_conversation(
+                self.text.tokenizer, self.text.template, rec.conversations,
+                image_token_id=self.text.image_token_id, num_image_tokens=self.text.num_image_tokens,
+                max_length=self.text.max_length, record_id=rec.id, system=self.text.system,
+            )
+        except EncodingError as e:
+            raise SampleError(rec.id, e.reason) from None
+        return {
+            "id": rec.id, "index": i,
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "pixel_values": None,
+            "vision_features": self.cache.get(i) if rec.images else None,
+            "image_paths": rec.images,
+        }
+
+
+# -- building ----------------------------------------------------------------------------
+def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str | os.PathLike | None,
+                out: str | os.PathLike, fp: dict, *, batch_images: int = 32, shard_records: int = 4096,
+                progress: bool = True) -> Path:
+    """Run the tower over every image of ``records``; write shards + index atomically."""
+    out = Path(out)
+    tower = model.vision
+    tower_was_training = tower.training
+    tower.eval()
+    device = next(tower.model.parameters()).device
+    index = {"format": CACHE_FORMAT, "fingerprint": fp, "records": {}, "bad": {}, "num_records": len(records),
+             "num_images": 0,
+             "num_tokens": None, "width": None}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), desc="caching features", unit="rec", dynamic_ncols=True)
+    with atomic_directory(out) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        shard_no = 0
+        pending: list[tuple[int, list[torch.Tensor]]] = []
+
+        def run_pending():
+            if not pending:
+                return
+            pix = torch.cat([torch.stack(p) for _, p in pending]).to(device)
+            with torch.no_grad():
+                feats = tower(pix).cpu()
+            at = 0
+            for i, p in pending:
+                shard[f"r{i}"] = feats[at:at + len(p)].clone()
+                at += len(p)
+            index["num_images"] += at
+            index["num_tokens"], index["width"] = int(feats.shape[1]), int(feats.shape[2])
+            pending.clear()
+
+        def flush_shard():
+            nonlocal shard, shard_no
+            run_pending()
+            if shard:
+                name = f"features-{shard_no:05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                for key in shard:
+                    index["records"][key[1:]] = name
+                shard, shard_no = {}, shard_no + 1
+
+        n_pending_images = 0
+        for i in range(len(records)):
+            try:
+                rec = records[i]
+                if rec.images:
+                    pix = [load_pixels(resolve_image_path(p, image_dir), model.config.image) for p in rec.images]
+                    pending.append((i, pix))
+                    n_pending_images += len(pix)
+            except RecordError as e:
+                index["bad"][str(i)] = e.reason
+            except ImageError as e:
+                index["bad"][str(i)] = str(e)
+            if n_pending_images >= batch_images:
+                run_pending()
+                n_pending_images = 0
+            if len(shard) + len(pending) >= shard_records:
+                flush_shard()
+                n_pending_images = 0
+            if bar is not None:
+                bar.update(1)
+        flush_shard()
+        (tmp / INDEX).write_text(json.dumps(index))
+    if bar is not None:
+        bar.close()
+    tower.train(tower_was_training)
+    return out
+
+
+def ensure_cache(model: VisionLanguageModel, data_file: str | os.PathLike, image_dir: str | os.PathLike | None,
+                 out: str | os.PathLike, *, progress: bool = True) -> tuple[Path, bool]:
+    """Build the cache unless a valid one is there; returns (path, reused)."""
+    records = RecordFile(data_file)
+    fp = fingerprint(model, data_file, image_dir, records)
+    old = read_index(out)
+    if old is not None and old.get("format") == CACHE_FORMAT and old.get("fingerprint") == fp:
+        return Path(out), True
+    if old is not None:
+        changed = [k for k in fp if old.get("fingerprint", {}).get(k) != fp[k]]
+        log.info("feature cache %s is stale (%s changed): rebuilding", out, ", ".join(changed) or "format")
+    return build_cache(model, records, image_dir, out, fp, progress=progress), False
+
+
+def cache_path(cfg: RunConfig, out: str | os.PathLike | None = None) -> Path:
+    if out is not None:
+        return Path(out)
+    fc = cfg.data.feature_cache
+    if fc in (None, "auto"):
+        return Path(cfg.output_dir) / "feature_cache"
+    return Path(fc)
+
+
+def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSettings, acc) -> FeatureDataset:
+    """The training set read through the cache (built first by the main process if needed)."""
+    if cfg.train.vision != "frozen":
+        raise ConfigError("data.feature_cache needs train.vision=frozen")
+    path = cache_path(cfg)
+    model.vision.to(acc.device)  # encode on the accelerator; prepare() moves the rest
+    if acc.is_main_process:
+        _, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress)
+        log.info("feature cache: %s (%s)", path, "reused" if reused else "built")
+    acc.wait_for_everyone()
+    return FeatureDataset(RecordFile(cfg.data.train), text, FeatureCache(path), model.config.image)
+
+
+def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = None) -> dict:
+    """`vistune cache-features`: build (or confirm) the cache for a training config."""
+    from .stages import build_model
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is required to cache features")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # the very tower training builds (random towers of tiny from-scratch runs too)
+    model, _ = build_model(cfg)
+    if torch.cuda.is_available():
+        model.vision.to("cuda")
+    path = cache_path(cfg, out)
+    path, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress)
+    index = read_index(path)
+    return {"path": path, "reused": reused, "num_records": index["num_records"],
+            "num_images": index["num_images"], "bad": index["bad"]}

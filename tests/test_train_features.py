@@ -1,0 +1,79 @@
+import json
+import os
+import shutil
+
+import pytest
+
+from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noqa: F401
+from vistune.model.checkpoint import load_model
+from vistune.train import run
+from vistune.train.features import FeatureCache, cache_features_for_config, ensure_cache, read_index
+
+
+def losses(r):
+    return [json.loads(x)["loss"] for x in r.metrics_path.read_text().splitlines()]
+
+
+def test_training_from_cached_features_equals_training_from_pixels(tiny_data, base_model_dir, tmp_path):
+    common = {"model": {"from": str(base_model_dir)}, "train.max_steps": 3}
+    plain = run(tiny_config(tiny_data, tmp_path / "pixels", common, stage=1))
+    cfg = tiny_config(tiny_data, tmp_path / "cached", {**common, "data.feature_cache": str(tmp_path / "fc")}, stage=1)
+    cached = run(cfg)
+    assert losses(cached) == pytest.approx(losses(plain), rel=1e-5)
+    index = read_index(tmp_path / "fc")
+    assert index["num_records"] == 24 and index["num_images"] == 24 and index["num_tokens"] == 16
+    shard = tmp_path / "fc" / index["records"]["0"]
+    assert shard.exists() and shard.suffix == ".safetensors"
+    # a second run reuses it: the shards are not rewritten
+    before = shard.stat().st_mtime_ns
+    model, _ = load_model(base_model_dir)
+    assert ensure_cache(model, tiny_data["pretrain"], tiny_data["images"], tmp_path / "fc", progress=False)[1]
+    assert shard.stat().st_mtime_ns == before
+
+
+def test_cache_is_invalidated_by_encoder_images_or_data(tiny_data, base_model_dir, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data["images"], data_dir / "images")
+    data = subset(tiny_data["pretrain"], data_dir / "d.jsonl", 6)
+    model, _ = load_model(base_model_dir)
+    fc = tmp_path / "fc"
+    _, reused = ensure_cache(model, data, data_dir / "images", fc, progress=False)
+    assert not reused
+    assert ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    # an image changed on disk
+    img = data_dir / "images" / "img_0000.png"
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    # the data file changed
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "new", "image": "img_0001.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x."}]}) + "\n")
+    assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    assert read_index(fc)["num_records"] == 7
+    # the encoder changed
+    with __import__("torch").no_grad():
+        next(model.vision.parameters()).add_(0.01)
+    assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    # image settings changed
+    model.config.image.aspect = "resize"
+    assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    assert ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
+    cache = FeatureCache(fc)
+    assert tuple(cache.get(6).shape) == (1, 16, 32)
+
+
+def test_cache_features_command_and_bad_images(tiny_data, base_model_dir, tmp_path):
+    data = subset(tiny_data["pretrain"], tmp_path / "d.jsonl", 5)
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "gone", "image": "missing.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x."}]}) + "\n")
+    cfg = tiny_config(tiny_data, tmp_path / "run", {"model": {"from": str(base_model_dir)}, "data.train": str(data),
+                                                   "data.feature_cache": "auto", "train.max_steps": 1,
+                                                   "train.max_bad_records": 1}, stage=1)
+    info = cache_features_for_config(cfg)
+    assert info["path"] == tmp_path / "run" / "feature_cache" and not info["reused"]
+    assert info["num_records"] == 6 and info["num_images"] == 5
+    assert "missing.png" in info["bad"]["5"]
+    r = run(cfg)  # reuses the cache; the bad record is skipped by id
+    assert [b["id"] for b in r.bad_records] == ["gone"]
+    assert cache_features_for_config(cfg)["reused"]

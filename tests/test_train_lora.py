@@ -1,0 +1,86 @@
+import importlib.util
+
+import pytest
+import torch
+
+from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
+from vistune.data.collate import PadCollator
+from vistune.data.dataset import VLDataset, text_settings_for
+from vistune.model.checkpoint import load_model
+from vistune.train import ConfigError, run
+from vistune.train.lora import is_adapter_dir, load_adapter_model, merge_lora
+from vistune.train.stages import apply_modes, build_model
+
+
+def lora_config(tiny_data, base_model_dir, out, extra=None):
+    return tiny_config(tiny_data, out, {"model": {"from": str(base_model_dir)}, "train.llm": "lora",
+                                        "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.lr": 1e-2,
+                                        "train.projector_lr": 1e-3, **(extra or {})})
+
+
+def test_lora_marks_only_adapters_and_projector_trainable(tiny_data, base_model_dir, tmp_path):
+    cfg = lora_config(tiny_data, base_model_dir, tmp_path)
+    model, _ = build_model(cfg)
+    apply_modes(model, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    llm = [n for n in trainable if n.startswith("language_model.")]
+    assert llm and all("lora_A" in n or "lora_B" in n for n in llm)
+    assert not any("lm_head" in n or "embed_tokens" in n for n in llm)  # all-linear spares lm_head
+    # every Linear of the decoder got an adapter: q k v o gate up down, for each of 2 layers
+    assert len([n for n in llm if "lora_A" in n]) == 2 * 7
+    assert {n.split(".")[0] for n in trainable} == {"language_model", "projector"}
+    cfg_qv = lora_config(tiny_data, base_model_dir, tmp_path, {"lora.target_modules": "q_proj,v_proj"})
+    model, _ = build_model(cfg_qv)
+    apply_modes(model, cfg_qv)
+    assert len([n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]) == 2 * 2
+
+
+def test_lora_run_saves_adapters_and_merge_equals_adapter_logits(tiny_data, base_model_dir, tmp_path):
+    r = run(lora_config(tiny_data, base_model_dir, tmp_path / "run", {"train.max_steps": 3}))
+    assert is_adapter_dir(r.model_dir)
+    assert (r.model_dir / "llm_adapter" / "adapter_config.json").exists()
+    assert (r.model_dir / "non_lora_trainables.safetensors").exists()
+
+    adapted, tok = load_adapter_model(r.output_dir)
+    base, _ = load_model(base_model_dir)
+    base_state = base.state_dict()
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it learned
+    frozen_same = 0
+    for n, p in adapted.language_model.get_base_model().named_parameters():
+        if "lora_" in n:
+            continue
+        key = "language_model." + n.replace(".base_layer", "")
+        assert torch.equal(p, base_state[key]), key
+        frozen_same += 1
+    assert frozen_same == len([k for k in base_state if k.startswith("language_model.")])
+    assert any(not torch.equal(v, base_state[f"projector.{k}"]) for k, v in adapted.projector.state_dict().items())
+
+    merged_dir = merge_lora(r.output_dir, tmp_path / "merged")
+    merged, _ = load_model(merged_dir)
+    assert not is_adapter_dir(merged_dir)
+    ds = VLDataset(tiny_data["instruct"], text_settings_for(merged.config, tok), tiny_data["images"],
+                   merged.config.image)
+    batch = PadCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    with torch.no_grad():
+        a = adapted(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        b = merged(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        c = base(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(b[mask], a[mask], rtol=1e-4, atol=1e-4)
+    assert (c[mask] - a[mask]).abs().max() > 1e-2  # the adapters do change the model
+
+
+def test_merge_lora_refuses_plain_runs(tiny_data, base_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="plain model directory"):
+        merge_lora(base_model_dir, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no LoRA run"):
+        merge_lora(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_data, base_model_dir, tmp_path):
+    cfg = lora_config(tiny_data, base_model_dir, tmp_path, {"lora.bits": 4})
+    model, _ = build_model(cfg)
+    with pytest.raises(ConfigError, match=r"lora.bits=4 \(QLoRA\) needs bitsandbytes.*pip install bitsandbytes"):
+        apply_modes(model, cfg)

@@ -83,3 +83,13 @@ def test_page_in_headless_chromium(engine, tmp_path):
         finally:
             browser.close()
     assert (ARTIFACTS / "web_chat.png").stat().st_size > 1000
+
+
+def test_web_app_serves_the_page_at_root(engine):
+    from fastapi.testclient import TestClient
+
+    from vistune.serve.web import web_app
+
+    with TestClient(web_app(engine, CFG)) as tc:
+        r = tc.get("/")
+        assert r.status_code == 200 and "gradio" in r.text.lower()

@@ -93,3 +93,13 @@ def test_web_app_serves_the_page_at_root(engine):
     with TestClient(web_app(engine, CFG)) as tc:
         r = tc.get("/")
         assert r.status_code == 200 and "gradio" in r.text.lower()
+
+
+def test_page_behind_the_api_key_asks_for_it(engine):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(engine, ServeSettings(api_key="sesame"), web=True)) as tc:
+        assert tc.get("/web/config").status_code == 401
+        assert tc.post("/web/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert tc.post("/web/login", data={"username": "me", "password": "sesame"}).status_code == 200
+        assert tc.get("/web/config").status_code == 200

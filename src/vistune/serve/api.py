@@ -165,7 +165,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
     if web:
         from .web import mount_web
 
-        mount_web(app, engine, batcher, path="/web", config=GenerationConfig(
+        # The page sits behind the same key: a login form asks for it.
+        mount_web(app, engine, batcher, path="/web", password=s.api_key, config=GenerationConfig(
             max_new_tokens=s.default_max_tokens, temperature=s.default_temperature))
     return app
 

@@ -238,3 +238,17 @@ def test_from_path_round_trip(tokenizer, tmp_path):
     p, cfg = mixed_prompts()[2], GenerationConfig(max_new_tokens=8)
     assert Engine.from_path(path).generate([p], cfg) == Engine(LoadedModel(model, tok)).generate([p], cfg)
     assert Engine.from_path(path).name == "m"
+
+
+def test_a_batch_that_keeps_taking_newcomers_stays_short(engine):
+    prompts = mixed_prompts()
+    cfg = GenerationConfig(max_new_tokens=12)
+    run = engine.start([prompts[0]], cfg)
+    lengths, added = [], [0]
+    for step, _ in enumerate(run):
+        if step % 4 == 3 and len(added) < 15:  # a newcomer every 4 steps, 14 of them
+            added += run.add([engine.encode(prompts[len(added) % 5])], [cfg], [False])
+        lengths.append(run._state.length if run._state else 0)
+    longest_prompt = max(engine.encode(p).input_ids.__len__() for p in prompts)
+    assert max(lengths) <= longest_prompt + 12  # no padding piles up on the left
+    assert run.completions == [engine.generate([prompts[i % 5]], cfg)[0] for i in range(len(added))]

@@ -185,6 +185,21 @@ class BatchRun:
             st.mask = st.mask[idx]
         if st.history is not None:
             st.history = st.history[idx]
+        self._trim(st)
+
+    @staticmethod
+    def _trim(st: _State) -> None:
+        """Drop columns that are padding in every remaining row (left by rows that joined
+        late and have finished), so a batch that keeps taking newcomers stays short."""
+        if st.mask is None or not isinstance(st.cache.layers[0], PreallocatedLayer):
+            return
+        lead = int((st.mask[:, : st.length].cumsum(1) == 0).all(0).sum())
+        if lead == 0:
+            return
+        for layer in st.cache.layers:
+            layer.trim_left(lead)
+        st.mask = st.mask[:, lead:]
+        st.length -= lead
 
     def _merge(self, new: _State, new_rows: list[_Row]) -> None:
         """Append the rows of ``new`` to the running state, left-padding to a common length."""

@@ -1,6 +1,6 @@
 """Generation throughput: vistune's engine vs transformers' `generate`, and the served API.
 
-    PYTHONPATH=src python benchmarks/generate.py [--new-tokens 32] [--repeats 5] [--no-serve]
+    PYTHONPATH=src python benchmarks/generate.py [--new-tokens 32] [--repeats 5] [--threads 1] [--no-serve]
 
 1. A tiny (~6M) vistune model and the equivalent `LlavaForConditionalGeneration`
    carrying the same weights (vision_tower <- vision.model, multi_modal_projector.linear_1/2
@@ -254,7 +254,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-vs-transformers part")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    # One thread by default: on a shared 2-core machine, two OpenMP threads stall whenever another
+    # process holds a core (measured: 16 tok/s instead of ~240 at batch 1).
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

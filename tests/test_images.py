@@ -30,7 +30,7 @@ def test_pad_to_square_with_mean_colour():
     img = Image.new("RGB", (8, 4), (0, 0, 0))
     sq = fit_square(img, cfg)
     assert sq.size == (8, 8)
-    assert sq.getpixel((4, 0)) == cfg.fill_color == (123, 117, 104)
+    assert sq.getpixel((4, 0)) == cfg.pad_color == (122, 116, 104)
     assert sq.getpixel((4, 4)) == (0, 0, 0)
 
 

@@ -49,6 +49,12 @@ class ImageConfig:
     def fill_color(self) -> tuple[int, int, int]:
         return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
 
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        # Truncated, not rounded: LLaVA's expand2square and transformers' LlavaImageProcessor
+        # both pad with int(m * 255), i.e. (122, 116, 104) for CLIP's mean.
+        return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -109,7 +115,7 @@ def fit_square(img: Image.Image, cfg: ImageConfig) -> Image.Image:
     resample = _RESAMPLE[cfg.resample]
     if cfg.aspect == "pad" and w != h:
         side = max(w, h)
-        canvas = Image.new("RGB", (side, side), cfg.fill_color)
+        canvas = Image.new("RGB", (side, side), cfg.pad_color)
         canvas.paste(img, ((side - w) // 2, (side - h) // 2))
         img = canvas
     elif cfg.aspect == "crop" and w != h:

@@ -1,1 +1,75 @@
+"""Checkpoint interop: original LLaVA and llava-hf in, llava-hf out.
 
+    import_checkpoint(src, out, ...)  any supported checkpoint -> a vistune model directory
+    export_checkpoint(model, out)     a vistune model directory -> a llava-hf directory
+
+Formats, key mappings and the serving command: docs/interop.md.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .assemble import Imported
+from .detect import FORMATS, LLAVA_FULL, LLAVA_HF, LLAVA_LORA, LLAVA_PROJECTOR, VISTUNE, detect_format, resolve_format
+from .weights import InteropError, UnsafeCheckpointError, read_weights
+
+__all__ = [
+    "FORMATS", "Imported", "InteropError", "UnsafeCheckpointError", "detect_format", "export_checkpoint",
+    "import_checkpoint", "load_foreign", "read_weights",
+]
+
+
+def load_foreign(src: str | os.PathLike, *, source: str | None = None, vision_tower: str | os.PathLike | None = None,
+                 base: str | os.PathLike | None = None, template: str | None = None,
+                 dtype: torch.dtype | None = None) -> Imported:
+    """Read a foreign checkpoint into memory as a vistune model (``source``: llava | llava-hf | None)."""
+    fmt = resolve_format(src, source)
+    if fmt == VISTUNE:
+        raise InteropError(f"{src}: already a vistune model; load it with vistune.load")
+    if fmt == LLAVA_HF:
+        from .llava_hf import import_llava_hf
+
+        return import_llava_hf(src, template=template, dtype=dtype)
+    from .llava_original import import_llava_full, import_llava_lora, import_llava_projector
+
+    if fmt == LLAVA_FULL:
+        return import_llava_full(src, vision_tower=vision_tower, template=template, dtype=dtype)
+    if fmt == LLAVA_PROJECTOR:
+        return import_llava_projector(src, base=base, vision_tower=vision_tower, template=template, dtype=dtype)
+    assert fmt == LLAVA_LORA
+    return import_llava_lora(src, base=base, vision_tower=vision_tower, template=template, dtype=dtype)
+
+
+def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> Imported:
+    """Convert ``src`` and save it as a vistune model directory at ``out`` (atomically)."""
+    from ..model.checkpoint import save_model
+
+    imported = load_foreign(src, **kwargs)
+    save_model(imported.model, imported.tokenizer, out)
+    return imported
+
+
+def export_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, format: str = "llava-hf",
+                      key_layout: str = "old", max_shard_size: str | int = "5GB") -> Path:
+    """Write the vistune model directory ``model`` as ``format`` (llava-hf) at ``out``."""
+    if format != "llava-hf":
+        raise InteropError(f"unknown export format {format!r}; vistune exports llava-hf")
+    from .llava_hf import export_llava_hf
+
+    vlm, tok = load_vistune_exact(model)
+    return export_llava_hf(vlm, tok, out, key_layout=key_layout, max_shard_size=max_shard_size)
+
+
+def load_vistune_exact(path: str | os.PathLike):
+    """A vistune model directory with every tensor in its stored dtype (no upcast to float32)."""
+    from ..model.checkpoint import WEIGHTS_NAME, model_from_config, read_config
+    from ..text.tokenizer import load_tokenizer
+    from .weights import load_exact
+
+    path = Path(path)
+    model = model_from_config(read_config(path), init=False)
+    load_exact(model, read_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+    return model.eval(), load_tokenizer(path)

@@ -1,6 +1,6 @@
 """Generation throughput: vistune's engine vs transformers' `generate`, and the served API.
 
-    PYTHONPATH=src python benchmarks/generate.py [--new-tokens 32] [--repeats 5] [--no-serve]
+    PYTHONPATH=src python benchmarks/generate.py [--new-tokens 32] [--repeats 5] [--threads 1] [--no-serve]
 
 1. A tiny (~6M) vistune model and the equivalent `LlavaForConditionalGeneration`
    carrying the same weights (vision_tower <- vision.model, multi_modal_projector.linear_1/2
@@ -122,14 +122,18 @@ def hf_inputs(engine: Engine, prompts: list[Prompt]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, out = [], None
+def time_pair(fn_a, fn_b, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of two functions, run alternately so that load on a shared machine hits both alike."""
+    fn_a(), fn_b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        out_a = fn_a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out_b = fn_b()
+        tb.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), out_a, out_b
 
 
 def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
@@ -142,14 +146,15 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
     for bs in (1, 8):
         prompts = [Prompt.ask(QUESTIONS[i % len(QUESTIONS)], [im]) for i, im in enumerate(images(bs))]
         inputs = hf_inputs(engine, prompts)
+        # Both sides start from token ids and pixels; both run the vision tower every time.
+        encoded = [engine.encode(Prompt(p.turns, [engine.loaded.pixels(im) for im in p.images])) for p in prompts]
 
         def run_hf():
             with torch.inference_mode():
                 return hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                    suppress_tokens=suppress)
 
-        t_hf, hf_out = time_it(run_hf, repeats)
-        t_vt, vt_out = time_it(lambda: engine.generate(prompts, cfg), repeats)
+        t_hf, t_vt, hf_out, vt_out = time_pair(run_hf, lambda: engine.generate(encoded, cfg), repeats)
         hf_texts = [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
                     for row in hf_out]
         agree = sum(a == c.text for a, c in zip(hf_texts, vt_out))
@@ -183,7 +188,8 @@ def bench_serve(new_tokens: int, requests_per_client: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(loaded.model, tok, Path(tmp) / "tiny")
         port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"),
+                   OMP_NUM_THREADS=str(torch.get_num_threads()))
         proc = subprocess.Popen(
             [sys.executable, "-m", "vistune.cli", "serve", "--model", str(path), "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -222,13 +228,23 @@ def bench_serve(new_tokens: int, requests_per_client: int) -> dict:
                     t.join()
                 return sum(counts) / (time.perf_counter() - t0)
 
+            import httpx
+
+            def batches() -> tuple[int, int]:
+                h = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                return h["steps"], h["row_steps"]
+
             run(1)  # warm-up
             tps1 = run(1)
+            b0, n0 = batches()
             tps8 = run(8)
+            b1, n1 = batches()
+            mean8 = (n1 - n0) / max(1, b1 - b0)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    return {"clients1_tokens_per_s": tps1, "clients8_tokens_per_s": tps8, "requests_per_client": requests_per_client}
+    return {"clients1_tokens_per_s": tps1, "clients8_tokens_per_s": tps8, "requests_per_client": requests_per_client,
+            "mean_batch_size_8_clients": mean8}
 
 
 def main() -> None:
@@ -237,34 +253,40 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine-vs-transformers part")
+    # One thread by default: on a shared 2-core machine, two OpenMP threads stall whenever another
+    # process holds a core (measured: 16 tok/s instead of ~240 at batch 1).
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    res = bench_engine_vs_hf(args.new_tokens, args.repeats)
-    b1, b8 = res["batch1"], res["batch8"]
-    result = {
-        "hf_ratio_batch1": b1["vistune_tokens_per_s"] / b1["hf_tokens_per_s"],
-        "hf_ratio_batch8": b8["vistune_tokens_per_s"] / b8["hf_tokens_per_s"],
-        "batch8_over_batch1": b8["vistune_tokens_per_s"] / b1["vistune_tokens_per_s"],
-        "engine": res,
-        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-    }
-    rows = [
-        ("vistune batch 1", f"{b1['vistune_tokens_per_s']:.0f} tok/s", f"HF {b1['hf_tokens_per_s']:.0f} tok/s",
-         f"{result['hf_ratio_batch1']:.2f}x HF (target >= 1.0)", b1["texts_equal"]),
-        ("vistune batch 8", f"{b8['vistune_tokens_per_s']:.0f} tok/s", f"HF {b8['hf_tokens_per_s']:.0f} tok/s",
-         f"{result['hf_ratio_batch8']:.2f}x HF; {result['batch8_over_batch1']:.2f}x batch 1 (target >= 4)",
-         b8["texts_equal"]),
-    ]
+    result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
+    rows = []
+    if not args.no_engine:
+        res = bench_engine_vs_hf(args.new_tokens, args.repeats)
+        b1, b8 = res["batch1"], res["batch8"]
+        result.update({
+            "hf_ratio_batch1": b1["vistune_tokens_per_s"] / b1["hf_tokens_per_s"],
+            "hf_ratio_batch8": b8["vistune_tokens_per_s"] / b8["hf_tokens_per_s"],
+            "batch8_over_batch1": b8["vistune_tokens_per_s"] / b1["vistune_tokens_per_s"],
+            "engine": res,
+        })
+        rows += [
+            ("vistune batch 1", f"{b1['vistune_tokens_per_s']:.0f} tok/s", f"HF {b1['hf_tokens_per_s']:.0f} tok/s",
+             f"{result['hf_ratio_batch1']:.2f}x HF (target >= 1.0)", b1["texts_equal"]),
+            ("vistune batch 8", f"{b8['vistune_tokens_per_s']:.0f} tok/s", f"HF {b8['hf_tokens_per_s']:.0f} tok/s",
+             f"{result['hf_ratio_batch8']:.2f}x HF; {result['batch8_over_batch1']:.2f}x batch 1 (target >= 4)",
+             b8["texts_equal"]),
+        ]
     if not args.no_serve:
         srv = bench_serve(args.new_tokens, args.requests_per_client)
         result["concurrent8_over_1"] = srv["clients8_tokens_per_s"] / srv["clients1_tokens_per_s"]
         result["serve"] = srv
         rows.append(("served, 8 clients", f"{srv['clients8_tokens_per_s']:.0f} tok/s",
                      f"1 client {srv['clients1_tokens_per_s']:.0f} tok/s",
-                     f"{result['concurrent8_over_1']:.2f}x (target >= 3)", "-"))
+                     f"{result['concurrent8_over_1']:.2f}x (target >= 3); mean batch {srv['mean_batch_size_8_clients']:.1f}",
+                     "-"))
     print(f"\n{'case':<20} {'throughput':<14} {'baseline':<20} {'ratio':<48} same text as HF")
     for r in rows:
         print(f"{r[0]:<20} {r[1]:<14} {r[2]:<20} {r[3]:<48} {r[4]}")

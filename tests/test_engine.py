@@ -50,6 +50,27 @@ def test_rows_finishing_at_different_steps_leave_the_batch(engine):
     assert batched == [engine.generate([p], c)[0] for p, c in zip(prompts, configs)]
 
 
+def test_prompts_joining_a_running_batch_get_their_own_answers(engine):
+    prompts = mixed_prompts()
+    cfgs = [GenerationConfig(max_new_tokens=n) for n in (6, 14, 9, 12)]
+    cfgs.append(GenerationConfig(max_new_tokens=10, temperature=1.0, seed=5))
+    run = engine.start(prompts[:2], cfgs[:2], stream=[False, True])
+    streamed: dict[int, str] = {}
+    finished: list[int] = []
+    for step, deltas in enumerate(run):
+        for i, piece in deltas:
+            streamed[i] = streamed.get(i, "") + piece
+        finished += run.take_finished()
+        if step == 2:  # longer and shorter prompts join mid-way, with and without images
+            assert run.add([engine.encode(p) for p in prompts[2:4]], cfgs[2:4], [True, False]) == [2, 3]
+        if step == 7:  # after row 0 has left
+            assert 0 in finished and run.can_join(cfgs[4])
+            run.add([engine.encode(prompts[4])], cfgs[4:], [False])
+    assert sorted(finished) == [0, 1, 2, 3, 4]
+    assert run.completions == [engine.generate([p], c)[0] for p, c in zip(prompts, cfgs)]
+    assert streamed[1] == run.completions[1].text and streamed[2] == run.completions[2].text
+
+
 def test_dynamic_cache_gives_the_same_tokens(engine):
     other = Engine(engine.loaded, preallocate_cache=False)
     prompts, cfg = mixed_prompts(), GenerationConfig(max_new_tokens=10)
@@ -217,3 +238,17 @@ def test_from_path_round_trip(tokenizer, tmp_path):
     p, cfg = mixed_prompts()[2], GenerationConfig(max_new_tokens=8)
     assert Engine.from_path(path).generate([p], cfg) == Engine(LoadedModel(model, tok)).generate([p], cfg)
     assert Engine.from_path(path).name == "m"
+
+
+def test_a_batch_that_keeps_taking_newcomers_stays_short(engine):
+    prompts = mixed_prompts()
+    cfg = GenerationConfig(max_new_tokens=12)
+    run = engine.start([prompts[0]], cfg)
+    lengths, added = [], [0]
+    for step, _ in enumerate(run):
+        if step % 4 == 3 and len(added) < 15:  # a newcomer every 4 steps, 14 of them
+            added += run.add([engine.encode(prompts[len(added) % 5])], [cfg], [False])
+        lengths.append(run._state.length if run._state else 0)
+    longest_prompt = max(engine.encode(p).input_ids.__len__() for p in prompts)
+    assert max(lengths) <= longest_prompt + 12  # no padding piles up on the left
+    assert run.completions == [engine.generate([prompts[i % 5]], cfg)[0] for i in range(len(added))]

@@ -83,3 +83,23 @@ def test_page_in_headless_chromium(engine, tmp_path):
         finally:
             browser.close()
     assert (ARTIFACTS / "web_chat.png").stat().st_size > 1000
+
+
+def test_web_app_serves_the_page_at_root(engine):
+    from fastapi.testclient import TestClient
+
+    from vistune.serve.web import web_app
+
+    with TestClient(web_app(engine, CFG)) as tc:
+        r = tc.get("/")
+        assert r.status_code == 200 and "gradio" in r.text.lower()
+
+
+def test_page_behind_the_api_key_asks_for_it(engine):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(engine, ServeSettings(api_key="sesame"), web=True)) as tc:
+        assert tc.get("/web/config").status_code == 401
+        assert tc.post("/web/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert tc.post("/web/login", data={"username": "me", "password": "sesame"}).status_code == 200
+        assert tc.get("/web/config").status_code == 200

@@ -39,6 +39,15 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
     p.add_argument("--log-level", default="warning")
 
 
+def _gradio_missing() -> bool:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the web page needs gradio: pip install 'vistune[web]'", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -51,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: --api-key-env {args.api_key_env}: that environment variable is empty or unset",
                   file=sys.stderr)
             return 2
+    if args.web and _gradio_missing():
+        return 2
     engine = load_engine(args)
     settings = ServeSettings(
         model_name=args.model_name, api_key=api_key, allow_remote_images=args.allow_remote_images,
@@ -68,8 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_web(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if _gradio_missing():
+        return 2
     from ..serve.web import web_app
-
     from .infer import generation_config
 
     app = web_app(load_engine(args), generation_config(args), args.system)

@@ -5,18 +5,15 @@ is rendered with the model's template by the same function that builds training
 samples (`encode_conversation(..., add_generation_prompt=True)`), so what the model
 sees at inference is exactly the prefix it was trained on.
 
-A batch is left-padded and prefilled in one forward pass (images spliced in), then
-decoded one token per step through the language model's own KV cache. Finished rows
-leave the batch (their cache rows are dropped) so a long reply never makes the short
-ones pay for it.
+The engine turns prompts into token ids and image embeddings (each distinct image
+through the vision tower once, `image_cache`); `BatchRun` (batch.py) decodes them.
 """
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -24,86 +21,20 @@ from PIL import Image
 from ..model.checkpoint import LoadedModel, load
 from ..text.encode import EncodingError, encode_conversation
 from ..text.templates import IMAGE_PLACEHOLDER
-from .detokenize import IncrementalDecoder, ReplyText
+from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
-from .kv_cache import preallocated_cache
-from .sampling import SamplingParams, apply_repetition_penalty, make_generator, sample_row
+from .types import (
+    Completion,
+    EncodedPrompt,
+    GenerationConfig,
+    ImageInput,
+    Prompt,
+    PromptError,
+    PromptTooLong,
+)
 
-
-class PromptError(ValueError):
-    """A prompt cannot be generated from (bad turns, images vs placeholders, too long)."""
-
-
-class PromptTooLong(PromptError):
-    pass
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(isinstance(s, str) for s in self.stop), "stop must be a list of strings"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"GenerationConfig: {msg}")
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
-
-
-ImageInput = Image.Image | torch.Tensor  # PIL, pixels (3, H, W), or projected embeds (T, D)
-
-
-@dataclass
-class Prompt:
-    """A conversation to continue: LLaVA turns, the last one human.
-
-    ``images`` fill the ``<image>`` placeholders in order; with images and no
-    placeholder, they go first in the first human turn (``"<image>\\n" * n``).
-    An image is a PIL image, a preprocessed pixel tensor (3, H, W), or already
-    projected embeddings (num_image_tokens, hidden) as a chat session caches them.
-    """
-
-    turns: list[dict]
-    images: list[ImageInput] = field(default_factory=list)
-    system: str | None = None
-
-    @classmethod
-    def ask(cls, text: str, images: Sequence[ImageInput] = (), system: str | None = None) -> "Prompt":
-        return cls([{"from": "human", "value": text}], list(images), system)
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length"] | str
-
-
-@dataclass
-class EncodedPrompt:
-    """A prompt as token ids (image tokens expanded) plus its images in order."""
-
-    input_ids: list[int]
-    images: list[ImageInput]
+__all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageInput", "Prompt", "PromptError",
+           "PromptTooLong", "BatchRun"]
 
 
 class Engine:
@@ -257,169 +188,3 @@ class Engine:
             else:
                 texts.append(s)
         return ids, texts
-
-
-class _Row:
-    """Book-keeping for one sequence of a batch."""
-
-    def __init__(self, index: int, engine: Engine, prompt: EncodedPrompt, config: GenerationConfig, stream: bool):
-        self.index = index
-        self.params = config.sampling
-        self.generator = None if self.params.greedy else make_generator(config.seed, engine.device)
-        self.prompt_tokens = len(prompt.input_ids)
-        self.max_new = min(config.max_new_tokens, engine.max_context - self.prompt_tokens)
-        self.stop_ids, text_stops = engine.stop_strings(config)
-        self.stream = stream
-        needs_text = stream or bool(text_stops)
-        self.decoder = IncrementalDecoder(engine.tokenizer) if needs_text else None
-        self.reply = ReplyText(text_stops) if needs_text else None
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.cancelled = False
-
-
-class BatchRun:
-    """One batch of prompts decoded together.
-
-    Iterating advances one token per step and yields ``[(prompt_index, text), ...]``
-    for the rows that stream; ``completions`` is filled when iteration ends.
-    ``cancel(i)`` drops a row (a client went away) at the next step.
-    """
-
-    def __init__(self, engine: Engine, prompts: list[EncodedPrompt], configs: list[GenerationConfig],
-                 streams: list[bool]):
-        self.engine = engine
-        self.prompts = prompts
-        self.rows = [_Row(i, engine, p, c, s) for i, (p, c, s) in enumerate(zip(prompts, configs, streams))]
-        self.completions: list[Completion | None] = [None] * len(prompts)
-        self._active = list(self.rows)
-        self._penalised = any(r.params.repetition_penalty != 1.0 for r in self.rows)
-        self._all_greedy = all(r.params.greedy for r in self.rows)
-
-    def cancel(self, index: int) -> None:
-        self.rows[index].cancelled = True
-
-    def __iter__(self) -> Iterator[list[tuple[int, str]]]:
-        if not self.rows:
-            return
-        logits = self._prefill()
-        while True:
-            tokens = self._choose(logits)
-            deltas = self._advance(tokens)
-            yield deltas
-            if not any(r.finish_reason is None for r in self._active):
-                break
-            logits = self._decode(tokens)
-
-    # -- model steps -------------------------------------------------------------
-    @torch.inference_mode()
-    def _prefill(self) -> torch.Tensor:
-        eng, dev = self.engine, self.engine.device
-        lengths = [len(p.input_ids) for p in self.prompts]
-        width = max(lengths)
-        pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
-        total = width + max(r.max_new for r in self.rows)
-        ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(lengths), total), dtype=torch.long)
-        for i, p in enumerate(self.prompts):
-            ids[i, width - lengths[i]:] = torch.tensor(p.input_ids)
-            mask[i, width - lengths[i]:] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        self._padded = min(lengths) != width
-        # Left padding: positions count real tokens only, so each row sees the same
-        # positions as it would alone.
-        pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        self._mask = mask if self._padded else None
-        self._width = width
-        self._step = 0
-        self._pos = pos[:, -1:]
-        images = [im for p in self.prompts for im in p.images]
-        embeds = eng.image_embeds(images)
-        if self._penalised:
-            self._history = self._fill_padding(ids, mask[:, :width])
-        cache = preallocated_cache(eng.lm.config, total) if eng.preallocate_cache else None
-        out = eng.model(
-            input_ids=ids, attention_mask=self._mask[:, :width] if self._padded else None,
-            position_ids=pos, image_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )
-        self._cache = out.past_key_values
-        return out.logits[:, -1]
-
-    @staticmethod
-    def _fill_padding(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        first_real = ids.gather(1, mask.argmax(-1, keepdim=True))
-        return torch.where(mask.bool(), ids, first_real)
-
-    @torch.inference_mode()
-    def _decode(self, tokens: list[int]) -> torch.Tensor:
-        eng = self.engine
-        self._drop_finished(tokens)
-        self._step += 1
-        self._pos = self._pos + 1
-        ids = torch.tensor(self._next, device=eng.device).unsqueeze(1)
-        mask = self._mask[:, : self._width + self._step] if self._mask is not None else None
-        out = eng.lm(input_ids=ids, attention_mask=mask, position_ids=self._pos,
-                     **{eng._cache_kw: self._cache}, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
-
-    def _drop_finished(self, tokens: list[int]) -> None:
-        keep = [j for j, r in enumerate(self._active) if r.finish_reason is None]
-        self._next = [tokens[j] for j in keep]
-        if len(keep) == len(self._active):
-            return
-        idx = torch.tensor(keep, device=self.engine.device)
-        self._cache.batch_select_indices(idx)
-        self._pos = self._pos[idx]
-        if self._mask is not None:
-            self._mask = self._mask[idx]
-        if self._penalised:
-            self._history = self._history[idx]
-        self._active = [self._active[j] for j in keep]
-
-    # -- choosing and book-keeping --------------------------------------------------
-    @torch.inference_mode()
-    def _choose(self, logits: torch.Tensor) -> list[int]:
-        eng = self.engine
-        if eng._suppress:
-            logits = logits.index_fill(1, eng._suppress_t, float("-inf"))
-        if self._penalised:
-            penalty = torch.tensor([[r.params.repetition_penalty] for r in self._active],
-                                   device=logits.device, dtype=logits.dtype)
-            logits = apply_repetition_penalty(logits, self._history, penalty)
-        if self._all_greedy:
-            tokens = logits.argmax(-1).tolist()
-        else:
-            tokens = [sample_row(logits[j], r.params, r.generator) for j, r in enumerate(self._active)]
-        if self._penalised:
-            self._history = torch.cat([self._history, torch.tensor(tokens, device=logits.device)[:, None]], 1)
-        return tokens
-
-    def _advance(self, tokens: list[int]) -> list[tuple[int, str]]:
-        deltas: list[tuple[int, str]] = []
-        for r, t in zip(self._active, tokens):
-            r.tokens.append(t)
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-            elif t in r.stop_ids:
-                r.finish_reason = "stop"
-            elif r.decoder is not None and r.reply.add(r.decoder.push(t)):
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.max_new:
-                r.finish_reason = "length"
-            if r.finish_reason is not None:
-                self._finish(r)
-            if r.stream:
-                piece = r.reply.pending(final=r.finish_reason is not None)
-                if piece:
-                    deltas.append((r.index, piece))
-        return deltas
-
-    def _finish(self, r: _Row) -> None:
-        if r.reply is not None:
-            if not r.reply.stopped:  # an unfinished character still belongs to the reply
-                r.reply.add(r.decoder.flush())
-            text = r.reply.text
-        else:
-            ids = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens
-            text = self.engine.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        self.completions[r.index] = Completion(text, r.prompt_tokens, len(r.tokens), r.finish_reason)

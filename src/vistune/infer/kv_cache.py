@@ -45,6 +45,14 @@ class PreallocatedLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def trim_left(self, n: int) -> None:
+        """Forget the first ``n`` positions (padding of every row); a view, nothing is copied."""
+        if self.is_initialized and n > 0:
+            self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
+            self.capacity -= n
+            self.length -= n
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
     def reset(self) -> None:
         self.length = 0
         super().reset()

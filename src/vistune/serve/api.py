@@ -115,7 +115,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "waiting": batcher.waiting}
+        st = batcher.stats
+        return {"status": "ok", "model": model_id, "waiting": batcher.waiting, **st,
+                "mean_batch_size": round(st["row_steps"] / st["steps"], 2) if st["steps"] else 0.0}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
@@ -163,7 +165,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
     if web:
         from .web import mount_web
 
-        mount_web(app, engine, batcher, path="/web", config=GenerationConfig(
+        # The page sits behind the same key: a login form asks for it.
+        mount_web(app, engine, batcher, path="/web", password=s.api_key, config=GenerationConfig(
             max_new_tokens=s.default_max_tokens, temperature=s.default_temperature))
     return app
 

@@ -1,9 +1,11 @@
 """Requests that arrive together are generated together.
 
 One worker thread owns the engine. It takes the first waiting job, waits a few
-milliseconds for more, and runs them as one batch; text pieces and results go back
-through each job's callback (into an asyncio queue for the HTTP server, a plain
-queue for the web page). While a batch runs, new jobs wait for the next one.
+milliseconds for more, and starts them as one batch. Between decoding steps, jobs
+that arrived meanwhile join the running batch (up to ``max_batch_size`` rows) and
+finished rows report at once, so clients never wait for each other's long replies.
+Text pieces and results go back through each job's callback (into an asyncio queue
+for the HTTP server, a plain queue for the web page).
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from ..infer.engine import Completion, EncodedPrompt, Engine, GenerationConfig
 
 log = logging.getLogger(__name__)
 
-Event = tuple[str, object]  # ("text", str) | ("done", Completion) | ("error", Exception)
+Event = tuple[str, object]
+# A batch that keeps taking newcomers is ended after this many requests, so its
+# book-keeping (one small record per request) never grows without bound.
+MAX_ROWS_PER_RUN = 4096  # ("text", str) | ("done", Completion) | ("error", Exception)
 
 
 @dataclass
@@ -39,7 +44,9 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
-        self.batch_sizes: list[int] = []  # history, for tests and /health
+        self._held: list[Job] = []  # jobs that could not join the running batch
+        # Counters for /health and tests: rows per decoding step = row_steps / steps.
+        self.stats = {"runs": 0, "requests": 0, "steps": 0, "row_steps": 0}
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
         self._thread.start()
 
@@ -98,16 +105,20 @@ class Batcher:
         self._thread.join(timeout)
 
     # -- the worker ------------------------------------------------------------
+    def _next_job(self, timeout: float | None) -> Job | None:
+        if self._held:
+            return self._held.pop(0)
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
     def _collect(self) -> list[Job] | None:
-        first = self._queue.get()
+        first = self._next_job(None)
         if first is None:
             return None
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = self._next_job(deadline - time.monotonic())
             except queue.Empty:
                 break
             if job is None:
@@ -124,22 +135,43 @@ class Batcher:
             if batch:
                 self._run(batch)
 
+    def _join_newcomers(self, run, jobs: dict[int, Job]) -> None:
+        while run.size < self.max_batch_size and len(run.rows) < MAX_ROWS_PER_RUN:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self._queue.put(None)
+                return
+            if job.cancelled:
+                continue
+            if not run.can_join(job.config):
+                self._held.append(job)
+                return
+            (i,) = run.add([job.prompt], [job.config], [job.stream])
+            jobs[i] = job
+            self.stats["requests"] += 1
+
     def _run(self, batch: list[Job]) -> None:
-        self.batch_sizes.append(len(batch))
-        finished = [False] * len(batch)
+        self.stats["runs"] += 1
+        self.stats["requests"] += len(batch)
+        jobs: dict[int, Job] = dict(enumerate(batch))
         try:
             run = self.engine.start([j.prompt for j in batch], [j.config for j in batch], [j.stream for j in batch])
             for deltas in run:
+                self.stats["steps"] += 1
+                self.stats["row_steps"] += len(run._active)
                 for i, piece in deltas:
-                    batch[i].on_event(("text", piece))
-                for i, j in enumerate(batch):
+                    jobs[i].on_event(("text", piece))
+                for i in run.take_finished():
+                    jobs.pop(i).on_event(("done", run.completions[i]))
+                for i, j in jobs.items():
                     if j.cancelled:
                         run.cancel(i)
-            for i, c in enumerate(run.completions):
-                finished[i] = True
-                batch[i].on_event(("done", c))
+                if not self._closed:
+                    self._join_newcomers(run, jobs)
         except Exception as e:  # one failed batch must not take the server down
             log.exception("generation failed")
-            for j, done in zip(batch, finished):
-                if not done:
-                    j.on_event(("error", e))
+            for j in jobs.values():
+                j.on_event(("error", e))

@@ -6,6 +6,7 @@ message when it changes in the upload box, and encoded once for the whole sessio
 """
 from __future__ import annotations
 
+import hmac
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local server
@@ -79,9 +80,13 @@ def build_web(engine: Engine, batcher: Batcher | None = None, config: Generation
 
 
 def mount_web(app: FastAPI, engine: Engine, batcher: Batcher | None, path: str = "/web",
-              config: GenerationConfig | None = None, system: str | None = None) -> FastAPI:
+              config: GenerationConfig | None = None, system: str | None = None,
+              password: str | None = None) -> FastAPI:
+    """Mount the page; with ``password`` (the server's API key) it asks for it in a login form."""
+    auth = (lambda user, given: hmac.compare_digest(given.encode(), password.encode())) if password else None
     return gr.mount_gradio_app(app, build_web(engine, batcher, config, system), path=path, theme=THEME,
-                               footer_links=[])
+                               footer_links=[], auth=auth,
+                               auth_message="Password: this server's API key (any user name)." if password else None)
 
 
 def web_app(engine: Engine, config: GenerationConfig | None = None, system: str | None = None,

@@ -1,0 +1,86 @@
+"""What goes into and comes out of the engine: prompts, generation settings, completions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from PIL import Image
+
+from .sampling import SamplingParams
+
+
+class PromptError(ValueError):
+    """A prompt cannot be generated from (bad turns, images vs placeholders, too long)."""
+
+
+class PromptTooLong(PromptError):
+    pass
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) for s in self.stop), "stop must be a list of strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GenerationConfig: {msg}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+
+ImageInput = Image.Image | torch.Tensor  # PIL, pixels (3, H, W), or projected embeds (T, D)
+
+
+@dataclass
+class Prompt:
+    """A conversation to continue: LLaVA turns, the last one human.
+
+    ``images`` fill the ``<image>`` placeholders in order; with images and no
+    placeholder, they go first in the first human turn (``"<image>\\n" * n``).
+    An image is a PIL image, a preprocessed pixel tensor (3, H, W), or already
+    projected embeddings (num_image_tokens, hidden) as a chat session caches them.
+    """
+
+    turns: list[dict]
+    images: list[ImageInput] = field(default_factory=list)
+    system: str | None = None
+
+    @classmethod
+    def ask(cls, text: str, images: Sequence[ImageInput] = (), system: str | None = None) -> "Prompt":
+        return cls([{"from": "human", "value": text}], list(images), system)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"] | str
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt as token ids (image tokens expanded) plus its images in order."""
+
+    input_ids: list[int]
+    images: list[ImageInput]

@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.initialization import no_init_weights
+from transformers.utils import logging as hf_logging
 
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -144,7 +145,13 @@ def _read_processor_settings(src: Path) -> dict:
 
 
 def read_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path))
+    # AutoTokenizer also reads config.json, and warns about LLaVA's model_type it does not know.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not getattr(tok, "is_fast", False):
         raise InteropError(f"{path}: tokenizer is not a fast tokenizer (vistune needs character offsets)")
     return tok

@@ -123,10 +123,16 @@ def test_lora_folder_merges_to_same_logits(tokenizer, tmp_path, adapter_format):
                                      task_type="CAUSAL_LM"))
     out = tmp_path / "llava-v1.5-tiny-lora"
     lora.save_pretrained(str(out))
-    if adapter_format == "bin":
+    if adapter_format == "bin":  # as LLaVA's 2023 releases: .bin adapter, config from an old peft
         f = out / "adapter_model.safetensors"
         torch.save(load_file(str(f)), out / "adapter_model.bin")
         f.unlink()
+        old = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({
+            "base_model_name_or_path": "lmsys/vicuna-13b-v1.5", "bias": "none", "enable_lora": None,
+            "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 8, "lora_dropout": 0.05,
+            "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 4,
+            "target_modules": sorted(old["target_modules"]), "task_type": "CAUSAL_LM"}))
     torch.manual_seed(4)
     projector = build_projector("mlp2x_gelu", 32, 64)  # trained beside the adapter: not the base's
     torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in projector.state_dict().items()},

@@ -239,7 +239,10 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
         raise InteropError(f"{src / 'config.json'}: vision_feature_layer {cfg.vision_feature_layer} (several "
                            "layers concatenated) is not supported; vistune takes one layer")
     meta_file = src / VISTUNE_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    except ValueError as e:
+        raise InteropError(f"{meta_file}: not valid JSON ({e}); delete it to import without vistune's settings") from None
     if meta is not None and meta.get("tie_word_embeddings"):
         cfg.text_config.tie_word_embeddings = True  # exported untied for transformers' sake; tie again
     vision_model, lm = empty_models(cfg.vision_config, cfg.text_config)

@@ -26,7 +26,6 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LlavaConfig,
     LlavaImageProcessorPil,
@@ -35,7 +34,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.initialization import no_init_weights
-from transformers.utils import logging as hf_logging
 
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -43,7 +41,7 @@ from ..model.checkpoint import atomic_directory, write_json
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
 from ..text.templates import get_template
-from .assemble import Imported, Settings, assemble
+from .assemble import Imported, Settings, assemble, read_tokenizer
 from .chat_template import guess_template_name, jinja_chat_template
 from .weights import InteropError, StateDict, load_exact, read_checkpoint, tied_names, write_weights
 
@@ -142,19 +140,6 @@ def _read_processor_settings(src: Path) -> dict:
     if proc.is_file():
         return json.loads(proc.read_text()).get("image_processor", {})
     return {}
-
-
-def read_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    # AutoTokenizer also reads config.json, and warns about LLaVA's model_type it does not know.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if not getattr(tok, "is_fast", False):
-        raise InteropError(f"{path}: tokenizer is not a fast tokenizer (vistune needs character offsets)")
-    return tok
 
 
 # -- import ---------------------------------------------------------------------

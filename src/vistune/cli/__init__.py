@@ -8,7 +8,7 @@ import sys
 
 # Modules that define `register(subparsers)`; imported lazily so `vistune --help`
 # stays fast and one broken optional extra never takes the whole CLI down.
-COMMAND_MODULES = ["data", "interop"]
+COMMAND_MODULES = ["data", "train", "infer", "serve", "eval", "interop"]
 
 
 def build_parser() -> argparse.ArgumentParser:

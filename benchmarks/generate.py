@@ -1,0 +1,279 @@
+"""Generation throughput: vistune's engine vs transformers' `generate`, and the served API.
+
+    PYTHONPATH=src python benchmarks/generate.py [--new-tokens 32] [--repeats 5] [--no-serve]
+
+1. A tiny (~6M) vistune model and the equivalent `LlavaForConditionalGeneration`
+   carrying the same weights (vision_tower <- vision.model, multi_modal_projector.linear_1/2
+   <- projector.0/2, language_model / lm_head <- language_model). Both decode the same
+   prompts greedily (one image each, KV cache) at batch 1 and batch 8; their tokens
+   must agree, and tokens/s are compared in one run.
+2. `vistune serve` in a subprocess, hit by 1 and then 8 concurrent OpenAI clients:
+   completion tokens/s of the server.
+
+Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1,
+concurrent8_over_1, plus the raw figures) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vistune.infer.engine import Engine, GenerationConfig, Prompt
+from vistune.model.build import build_vlm
+from vistune.model.checkpoint import LoadedModel, save_model
+from vistune.model.tiny import tiny_text_config, tiny_vision_config
+from vistune.text.templates import LLAVA_SYSTEM_USER
+from vistune.text.tokenizer import train_bpe_tokenizer
+
+RESULTS = Path(__file__).parent / "results" / "generate.json"
+WORDS = ("red green blue yellow circle square triangle left right top bottom small large the a is are "
+         "there what color shape how many objects image picture describe in of on yes no one two three").split()
+QUESTIONS = [
+    "What is in the image?",
+    "Describe the image in detail, naming every object and its colour.",
+    "How many red circles are there?",
+    "Is there a square on the left side of the picture, and what colour is it?",
+    "What shape is at the top?",
+    "Describe the objects at the bottom right of the image and how they relate to the ones above them.",
+    "Colour?",
+    "Which object is the largest, and where is it?",
+]
+
+
+def build_tiny(seed: int = 0) -> tuple[LoadedModel, object]:
+    """The 6M benchmark size of ENVIRONMENT.md: LM 256x4, ViT 128x4, 64 px / patch 8, vocab 4096."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(2000)]
+    # A real tokenizer knows the words of the system prompt and the questions; so should this one,
+    # or prompts become twice as long as with a real model (ENVIRONMENT.md measured ~97 tokens).
+    texts += [LLAVA_SYSTEM_USER, "USER: ASSISTANT:", *QUESTIONS] * 50
+    tok = train_bpe_tokenizer(texts, vocab_size=4096)
+    torch.manual_seed(seed)
+    vision = tiny_vision_config("clip", image_size=64, patch_size=8, hidden_size=128, layers=4, heads=4)
+    text = tiny_text_config("llama", vocab_size=4096, hidden_size=256, layers=4, heads=4)
+    model, tok = build_vlm(vision, text, tok, projector_type="mlp2x_gelu")
+    return LoadedModel(model.eval(), tok), tok
+
+
+def to_llava_hf(loaded: LoadedModel):
+    """The same network as transformers' LlavaForConditionalGeneration, sharing no tensors."""
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    m = loaded.model
+    cfg = m.config
+    vcfg = AutoConfig.for_model(**cfg.vision)
+    tcfg = AutoConfig.for_model(**cfg.text)
+    hf_cfg = LlavaConfig(
+        vision_config=vcfg, text_config=tcfg, image_token_index=cfg.image_token_id,
+        image_seq_length=cfg.num_image_tokens, projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default",
+    )
+    hf = LlavaForConditionalGeneration(hf_cfg).eval()
+    sd = {}
+    for k, v in m.state_dict().items():
+        if k.startswith("vision.model."):
+            sd["model.vision_tower." + k[len("vision.model."):]] = v
+        elif k.startswith("projector."):
+            idx, rest = k[len("projector."):].split(".", 1)
+            sd[f"model.multi_modal_projector.linear_{int(idx) // 2 + 1}.{rest}"] = v
+        elif k.startswith("language_model.model."):
+            sd["model.language_model." + k[len("language_model.model."):]] = v
+        elif k.startswith("language_model.lm_head."):
+            sd["lm_head." + k[len("language_model.lm_head."):]] = v
+    missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
+    hf.generation_config.eos_token_id = loaded.tokenizer.eos_token_id
+    return hf
+
+
+def images(n: int, size: int = 64) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def hf_inputs(engine: Engine, prompts: list[Prompt]) -> dict:
+    enc = [engine.encode(p) for p in prompts]
+    width = max(len(e.input_ids) for e in enc)
+    pad = engine.tokenizer.pad_token_id
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e.input_ids):] = torch.tensor(e.input_ids)
+        mask[i, width - len(e.input_ids):] = 1
+    pixels = torch.stack([engine.loaded.pixels(im) for p in prompts for im in p.images])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def time_it(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
+    loaded, tok = build_tiny()
+    engine = Engine(loaded, image_cache_size=0)  # every run encodes its images, as HF does
+    hf = to_llava_hf(loaded)
+    suppress = engine._suppress
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+    out: dict = {"params": sum(p.numel() for p in loaded.model.parameters()), "new_tokens": new_tokens}
+    for bs in (1, 8):
+        prompts = [Prompt.ask(QUESTIONS[i % len(QUESTIONS)], [im]) for i, im in enumerate(images(bs))]
+        inputs = hf_inputs(engine, prompts)
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                   suppress_tokens=suppress)
+
+        t_hf, hf_out = time_it(run_hf, repeats)
+        t_vt, vt_out = time_it(lambda: engine.generate(prompts, cfg), repeats)
+        hf_texts = [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                    for row in hf_out]
+        agree = sum(a == c.text for a, c in zip(hf_texts, vt_out))
+        n_hf = int(((hf_out[:, inputs["input_ids"].shape[1]:] != tok.pad_token_id)).sum())
+        n_vt = sum(c.completion_tokens for c in vt_out)
+        out[f"batch{bs}"] = {
+            "hf_tokens_per_s": n_hf / t_hf, "vistune_tokens_per_s": n_vt / t_vt,
+            "hf_seconds": t_hf, "vistune_seconds": t_vt, "hf_tokens": n_hf, "vistune_tokens": n_vt,
+            "texts_equal": f"{agree}/{bs}",
+        }
+    return out
+
+
+# -- served throughput ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bench_serve(new_tokens: int, requests_per_client: int) -> dict:
+    from openai import OpenAI
+
+    loaded, tok = build_tiny()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model(loaded.model, tok, Path(tmp) / "tiny")
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vistune.cli", "serve", "--model", str(path), "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    client.models.list()
+                    break
+                except Exception:
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+                    time.sleep(0.5)
+            urls = [data_url(im) for im in images(8)]
+
+            def one_client(i: int, counts: list[int]) -> None:
+                for r in range(requests_per_client):
+                    q = QUESTIONS[(i + r) % len(QUESTIONS)]
+                    resp = client.chat.completions.create(
+                        model=path.name, max_tokens=new_tokens, temperature=0,
+                        messages=[{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": urls[i]}},
+                            {"type": "text", "text": q}]}],
+                    )
+                    counts[i] += resp.usage.completion_tokens
+
+            def run(n_clients: int) -> float:
+                counts = [0] * n_clients
+                threads = [threading.Thread(target=one_client, args=(i, counts)) for i in range(n_clients)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return sum(counts) / (time.perf_counter() - t0)
+
+            run(1)  # warm-up
+            tps1 = run(1)
+            tps8 = run(8)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {"clients1_tokens_per_s": tps1, "clients8_tokens_per_s": tps8, "requests_per_client": requests_per_client}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--requests-per-client", type=int, default=6)
+    ap.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    res = bench_engine_vs_hf(args.new_tokens, args.repeats)
+    b1, b8 = res["batch1"], res["batch8"]
+    result = {
+        "hf_ratio_batch1": b1["vistune_tokens_per_s"] / b1["hf_tokens_per_s"],
+        "hf_ratio_batch8": b8["vistune_tokens_per_s"] / b8["hf_tokens_per_s"],
+        "batch8_over_batch1": b8["vistune_tokens_per_s"] / b1["vistune_tokens_per_s"],
+        "engine": res,
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    rows = [
+        ("vistune batch 1", f"{b1['vistune_tokens_per_s']:.0f} tok/s", f"HF {b1['hf_tokens_per_s']:.0f} tok/s",
+         f"{result['hf_ratio_batch1']:.2f}x HF (target >= 1.0)", b1["texts_equal"]),
+        ("vistune batch 8", f"{b8['vistune_tokens_per_s']:.0f} tok/s", f"HF {b8['hf_tokens_per_s']:.0f} tok/s",
+         f"{result['hf_ratio_batch8']:.2f}x HF; {result['batch8_over_batch1']:.2f}x batch 1 (target >= 4)",
+         b8["texts_equal"]),
+    ]
+    if not args.no_serve:
+        srv = bench_serve(args.new_tokens, args.requests_per_client)
+        result["concurrent8_over_1"] = srv["clients8_tokens_per_s"] / srv["clients1_tokens_per_s"]
+        result["serve"] = srv
+        rows.append(("served, 8 clients", f"{srv['clients8_tokens_per_s']:.0f} tok/s",
+                     f"1 client {srv['clients1_tokens_per_s']:.0f} tok/s",
+                     f"{result['concurrent8_over_1']:.2f}x (target >= 3)", "-"))
+    print(f"\n{'case':<20} {'throughput':<14} {'baseline':<20} {'ratio':<48} same text as HF")
+    for r in rows:
+        print(f"{r[0]:<20} {r[1]:<14} {r[2]:<20} {r[3]:<48} {r[4]}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

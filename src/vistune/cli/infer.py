@@ -1,0 +1,128 @@
+"""`vistune chat` (terminal chat) and `vistune predict` (batch answers for a question file)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--system", default=None, help="replace the template's system prompt")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a vistune model directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def generation_config(args: argparse.Namespace):
+    from ..infer.engine import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_engine(args: argparse.Namespace):
+    import torch
+
+    from ..infer.engine import Engine
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Engine.from_path(args.model, device=args.device, dtype=dtype)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("chat", help="chat with a model in the terminal (streaming; /image PATH, /reset, /quit)")
+    add_model_args(c)
+    c.add_argument("--image", action="append", default=[], help="attach an image to the first message (repeatable)")
+    add_generation_args(c, 512)
+    c.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("predict", help="answer a question file (LLaVA eval JSONL) in batches; resumable")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help='questions JSONL: {"question_id", "image"?, "text"}')
+    p.add_argument("--images", default=None, help="folder the questions' image paths are relative to")
+    p.add_argument("--out", required=True, help="answers JSONL (appended; ids already there are skipped)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model-name", default=None, help="the 'model' field of answers (default: directory name)")
+    add_generation_args(p, 128)
+    p.set_defaults(func=cmd_predict)
+
+
+HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..data.images import ImageError
+    from ..infer.chat import Chat
+    from ..infer.engine import PromptError
+
+    engine = load_engine(args)
+    chat = Chat(engine, system=args.system, config=generation_config(args))
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+
+    def attach(path: str) -> None:
+        try:
+            chat.attach(path)
+            print(f"[attached {path}]", file=out, flush=True)
+        except ImageError as e:
+            print(f"[error] {e}", file=out, flush=True)
+
+    print(f"vistune chat · {engine.name} · {HELP}", file=out, flush=True)
+    for path in args.image:
+        attach(path)
+    while True:
+        if interactive:
+            print("USER: ", end="", file=out, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            print("[conversation cleared]", file=out, flush=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if path:
+                attach(path)
+            else:
+                print("[usage] /image PATH", file=out, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"[unknown command] {HELP}", file=out, flush=True)
+            continue
+        print("ASSISTANT: ", end="", file=out, flush=True)
+        try:
+            for piece in chat.stream(line):
+                print(piece, end="", file=out, flush=True)
+        except PromptError as e:
+            print(f"[error] {e}", end="", file=out)
+        print(file=out, flush=True)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..infer.predict import PredictError, predict_file
+
+    engine = load_engine(args)
+    try:
+        stats = predict_file(engine, args.data, args.out, args.images, batch_size=args.batch_size,
+                             config=generation_config(args), model_name=args.model_name, system=args.system)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{stats.total} questions: {stats.written} answered now, {stats.skipped} already in {args.out}")
+    return 0

@@ -1,0 +1,78 @@
+"""`vistune serve` (OpenAI-compatible API, optionally with the web page) and `vistune web`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .infer import add_generation_args, add_model_args, load_engine
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (add --web for the page at /web)")
+    add_model_args(s)
+    add_server_args(s)
+    s.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="require `Authorization: Bearer $VAR` on /v1 requests")
+    s.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: directory name)")
+    s.add_argument("--web", action="store_true", help="also serve the web page at /web")
+    lim = s.add_argument_group("limits")
+    lim.add_argument("--max-body-mb", type=float, default=20)
+    lim.add_argument("--max-image-mb", type=float, default=10)
+    lim.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    lim.add_argument("--max-images", type=int, default=8, help="images per request")
+    lim.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    lim.add_argument("--max-batch-size", type=int, default=16)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("web", help="the web chat page alone")
+    add_model_args(w)
+    add_server_args(w, port=7860)
+    add_generation_args(w, 512)
+    w.set_defaults(func=cmd_web)
+
+
+def add_server_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--log-level", default="warning")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..serve.api import ServeSettings, create_app
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            print(f"error: --api-key-env {args.api_key_env}: that environment variable is empty or unset",
+                  file=sys.stderr)
+            return 2
+    engine = load_engine(args)
+    settings = ServeSettings(
+        model_name=args.model_name, api_key=api_key, allow_remote_images=args.allow_remote_images,
+        max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images,
+        max_tokens_limit=args.max_tokens, max_batch_size=args.max_batch_size,
+    )
+    app = create_app(engine, settings, web=args.web)
+    where = f"http://{args.host}:{args.port}"
+    print(f"serving {app.state.model_id} at {where}/v1" + (f" and {where}/web" if args.web else ""), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..serve.web import web_app
+
+    from .infer import generation_config
+
+    app = web_app(load_engine(args), generation_config(args), args.system)
+    print(f"web page at http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

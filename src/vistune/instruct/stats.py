@@ -1,0 +1,162 @@
+"""What is in a LLaVA data file: counts by kind, turns per conversation, lengths.
+
+Lengths are those of a record's text (all turns, image placeholders left out: the
+image tokens a model adds depend on its vision tower), in tokens of a given tokenizer
+or, without one, in whitespace-separated words. Written as a Markdown summary, a JSON
+file with every number and a length-histogram PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.records import RecordError, RecordFile, parse_record
+from ..text.templates import IMAGE_PLACEHOLDER
+
+PERCENTILES = (50, 90, 95, 99)
+NO_KIND = "(no kind)"
+
+
+@dataclass
+class DataStats:
+    path: str
+    unit: str  # "tokens" or "words"
+    records: int = 0
+    with_image: int = 0
+    invalid: int = 0
+    problems: list[str] = field(default_factory=list)  # the first few invalid records
+    kinds: dict[str, int] = field(default_factory=dict)
+    rounds: dict[int, int] = field(default_factory=dict)  # human+assistant exchanges -> records
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # kind -> per-record lengths
+
+    def percentiles(self, kind: str | None = None) -> dict[str, float]:
+        values = [v for vs in self.lengths.values() for v in vs] if kind is None else self.lengths.get(kind, [])
+        if not values:
+            return {}
+        arr = np.asarray(values)
+        out = {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}
+        out.update(mean=float(arr.mean()), max=float(arr.max()), min=float(arr.min()))
+        return out
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("lengths")
+        d["length_percentiles"] = {"all": self.percentiles(), **{k: self.percentiles(k) for k in sorted(self.lengths)}}
+        rounds = [r for r, n in self.rounds.items() for _ in range(n)]
+        d["mean_rounds"] = float(np.mean(rounds)) if rounds else 0.0
+        return d
+
+
+def _text(conversations: list[dict]) -> str:
+    return "\n".join(t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in conversations)
+
+
+def compute_stats(path: str | os.PathLike, tokenizer=None, batch_size: int = 512, progress: bool = True) -> DataStats:
+    """Read every record of `path`; invalid ones are counted and named, not fatal."""
+    from tqdm.auto import tqdm
+
+    rf = RecordFile(path)
+    st = DataStats(str(path), "tokens" if tokenizer is not None else "words")
+    kinds: Counter = Counter()
+    rounds: Counter = Counter()
+    lengths: dict[str, list[int]] = defaultdict(list)
+    pending: list[tuple[str, str]] = []  # (kind, text) waiting for the tokenizer
+
+    def flush() -> None:
+        if not pending:
+            return
+        if tokenizer is None:
+            counts = [len(text.split()) for _, text in pending]
+        else:
+            counts = [len(ids) for ids in tokenizer([t for _, t in pending], add_special_tokens=False)["input_ids"]]
+        for (kind, _), n in zip(pending, counts):
+            lengths[kind].append(n)
+        pending.clear()
+
+    for i in tqdm(range(len(rf)), desc="stats", unit="rec", disable=not progress):
+        try:
+            obj, where = rf.raw(i)
+            rec = parse_record(obj, where)
+        except RecordError as e:
+            st.invalid += 1
+            if len(st.problems) < 10:
+                st.problems.append(str(e))
+            continue
+        st.records += 1
+        st.with_image += bool(rec.images)
+        kind = str(rec.extra.get("kind", NO_KIND))
+        kinds[kind] += 1
+        rounds[len(rec.conversations) // 2] += 1
+        pending.append((kind, _text(rec.conversations)))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    st.kinds = dict(sorted(kinds.items()))
+    st.rounds = dict(sorted(rounds.items()))
+    st.lengths = dict(lengths)
+    return st
+
+
+def to_markdown(st: DataStats, plot_name: str | None = None) -> str:
+    lines = [f"# Data statistics: `{Path(st.path).name}`", "",
+             f"{st.records} records ({st.with_image} with an image), {st.invalid} invalid.", ""]
+    lines += ["| kind | records | share |", "|---|---:|---:|"]
+    for k, n in st.kinds.items():
+        lines.append(f"| {k} | {n} | {n / max(st.records, 1):.1%} |")
+    lines += ["", "| rounds per conversation | records |", "|---:|---:|"]
+    lines += [f"| {r} | {n} |" for r, n in st.rounds.items()]
+    lines += ["", f"Length in {st.unit} (text of all turns, image placeholders left out):", "",
+              "| kind | " + " | ".join(f"p{p}" for p in PERCENTILES) + " | mean | max |",
+              "|---|" + "---:|" * (len(PERCENTILES) + 2)]
+    for k in ["all", *sorted(st.lengths)]:
+        pc = st.percentiles(None if k == "all" else k)
+        if pc:
+            lines.append(f"| {k} | " + " | ".join(f"{pc[f'p{p}']:.0f}" for p in PERCENTILES)
+                         + f" | {pc['mean']:.1f} | {pc['max']:.0f} |")
+    if st.problems:
+        lines += ["", "Invalid records (first ones):", ""] + [f"- {p}" for p in st.problems]
+    if plot_name:
+        lines += ["", f"![length histogram]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(st: DataStats, path: str | os.PathLike) -> None:
+    """One step histogram per kind on shared bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    allv = [v for vs in st.lengths.values() for v in vs]
+    if allv:
+        bins = np.histogram_bin_edges(allv, bins=min(50, max(5, len(set(allv)))))
+        for kind in sorted(st.lengths):
+            ax.hist(st.lengths[kind], bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({len(st.lengths[kind])})")
+        ax.legend()
+    ax.set_xlabel(f"record length ({st.unit})")
+    ax.set_ylabel("records")
+    ax.set_title(Path(st.path).name)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(st: DataStats, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """stats.md, stats.json and lengths.png in `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out / "lengths.png", "md": out / "stats.md", "json": out / "stats.json"}
+    plot_lengths(st, paths["png"])
+    for key, text in (("md", to_markdown(st, paths["png"].name)), ("json", json.dumps(st.summary(), indent=1))):
+        tmp = paths[key].with_name(paths[key].name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, paths[key])
+    return paths

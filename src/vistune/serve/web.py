@@ -1,0 +1,92 @@
+"""A Gradio page on the engine: upload an image, chat with streaming replies, clear.
+
+Each browser session holds a `Chat`; its replies run through the server's batcher,
+so page visitors and API clients share batches. An image is attached to the next
+message when it changes in the upload box, and encoded once for the whole session.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local server
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from ..infer.chat import Chat  # noqa: E402
+from ..infer.engine import Engine, GenerationConfig, PromptError  # noqa: E402
+from ..infer.image_cache import image_key  # noqa: E402
+from .batching import Batcher  # noqa: E402
+
+# System fonts only: the page must render without reaching Google Fonts.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+
+
+def make_respond(engine: Engine, streamer=None, config: GenerationConfig | None = None, system: str | None = None):
+    """The page's send handler: (message, image, history, session) -> yields (history, session, '')."""
+    config = config or GenerationConfig(max_new_tokens=256)
+    streamer = streamer or engine.stream
+
+    def respond(message: str, image, history: list | None, session: dict | None):
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            yield history, session, ""
+            return
+        if session is None:
+            session = {"chat": Chat(engine, system=system, config=config, streamer=streamer), "image": None}
+        chat: Chat = session["chat"]
+        if image is not None and image_key(image) != session["image"]:
+            chat.attach(image)
+            session["image"] = image_key(image)
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        try:
+            for piece in chat.stream(message):
+                history[-1]["content"] += piece
+                yield history, session, ""
+        except PromptError as e:
+            history[-1]["content"] = f"⚠️ {e}"
+        yield history, session, ""
+
+    return respond
+
+
+def build_web(engine: Engine, batcher: Batcher | None = None, config: GenerationConfig | None = None,
+              system: str | None = None) -> gr.Blocks:
+    respond = make_respond(engine, batcher.stream_sync if batcher is not None else None, config, system)
+
+    def clear():
+        return [], None, None, ""
+
+    with gr.Blocks(title=f"vistune · {engine.name}") as demo:
+        gr.Markdown(f"### vistune · `{engine.name}`")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", elem_id="image", sources=["upload", "clipboard"], height=360)
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
+                message = gr.Textbox(placeholder="Ask about the image, then press Enter", show_label=False,
+                                     elem_id="message")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    reset = gr.Button("Clear", elem_id="clear")
+        session = gr.State(None)
+        for trigger in (send.click, message.submit):
+            trigger(respond, [message, image, chatbot, session], [chatbot, session, message],
+                    concurrency_limit=None)
+        reset.click(clear, None, [chatbot, session, image, message])
+    return demo
+
+
+def mount_web(app: FastAPI, engine: Engine, batcher: Batcher | None, path: str = "/web",
+              config: GenerationConfig | None = None, system: str | None = None) -> FastAPI:
+    return gr.mount_gradio_app(app, build_web(engine, batcher, config, system), path=path, theme=THEME,
+                               footer_links=[])
+
+
+def web_app(engine: Engine, config: GenerationConfig | None = None, system: str | None = None,
+            max_batch_size: int = 16) -> FastAPI:
+    """The page alone at / (`vistune web`)."""
+    batcher = Batcher(engine, max_batch_size=max_batch_size)
+    app = FastAPI(title="vistune web")
+    return mount_web(app, engine, batcher, path="/", config=config, system=system)

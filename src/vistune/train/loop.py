@@ -1,0 +1,423 @@
+"""One training loop for both stages, on accelerate (1 CPU process to many GPUs).
+
+Every optimizer step averages the loss over the supervised tokens of the whole
+global batch (all micro-batches of the accumulation window, all processes), so
+gradient accumulation and data parallelism give the same update as one big batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import __version__
+from ..data.dataset import VLDataset, text_settings_for
+from ..model.checkpoint import save_model
+from . import checkpoints as ckpt
+from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
+from .config import ConfigError, RunConfig
+from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
+from .sampler import BatchPlan
+from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, param_groups, save_projector,
+                     set_train_mode, trainable_state_dict)
+
+log = logging.getLogger("vistune.train")
+
+
+class TooManyBadRecords(RuntimeError):
+    """More records failed than ``train.max_bad_records`` allows; names them."""
+
+    def __init__(self, bad: list[dict], limit: float, total: int):
+        self.bad = bad
+        shown = ", ".join(f"{b['id']!r} ({b['reason']})" for b in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        super().__init__(
+            f"{len(bad)} bad records (limit {limit:g} of {total}; train.max_bad_records): {shown}{more}. "
+            "Fix or remove them (vistune data validate), or raise train.max_bad_records"
+        )
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    final_loss: float
+    first_loss: float
+    steps: int
+    metrics_path: Path
+    loss_curve: Path | None = None
+    summary_path: Path | None = None
+    projector_path: Path | None = None
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    bad_records: list[dict] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    elapsed_s: float = 0.0
+
+
+def run(config: RunConfig, resume: str | None = None) -> TrainResult:
+    """Train as ``config`` says; returns where the model and metrics went.
+
+    ``resume`` ("auto" or a checkpoint path) overrides ``config.train.resume``.
+    """
+    return Trainer(config, resume=resume).train()
+
+
+def mixed_precision(precision: str, device_type: str) -> str:
+    if precision == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"  # fp32 on CPU: autocast's bf16 is opt-in (train.precision=bf16)
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 is not supported on CPU (fp16 matmuls are ~100x slower there); "
+                          "use bf16 or fp32")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def _check_trackers(names: list[str]) -> None:
+    need = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    for n in names:
+        if not any(importlib.util.find_spec(m) for m in need[n]):
+            raise ConfigError(f"train.report_to: {n} is not installed (pip install {need[n][0]})")
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume: str | None = None):
+        self.cfg = config
+        self.resume = resume if resume is not None else config.train.resume
+        self.out = Path(config.output_dir)
+
+    # -- setup -----------------------------------------------------------------
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        t = self.cfg.train
+        _check_trackers(t.report_to)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        acc = Accelerator(
+            mixed_precision=mixed_precision(t.precision, device_type),
+            log_with=list(t.report_to) or None,
+            project_dir=str(self.out),
+        )
+        if acc.device.type == "cpu" and acc.mixed_precision == "fp16":
+            raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
+        return acc
+
+    def _dataset(self, model, tok, acc):
+        d = self.cfg.data
+        if not d.train:
+            raise ConfigError("data.train (a LLaVA JSON/JSONL file) is required")
+        if not Path(d.train).exists():
+            raise ConfigError(f"data.train: file not found: {d.train}")
+        text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system)
+        if d.feature_cache is not None:
+            from .features import cached_dataset
+
+            return cached_dataset(self.cfg, model, text, acc)
+        return VLDataset(d.train, text, d.images, model.config.image)
+
+    def _resume_path(self) -> Path | None:
+        if self.resume in (None, "", "none", False):
+            return None
+        if self.resume == "auto":
+            return ckpt.latest_checkpoint(self.out)
+        p = Path(self.resume)
+        if not (p / ckpt.STATE_FILE).exists():
+            raise ConfigError(f"train.resume: {p} is not a complete checkpoint (no {ckpt.STATE_FILE})")
+        return p
+
+    # -- the run ---------------------------------------------------------------
+    def train(self) -> TrainResult:
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        cfg, t = self.cfg, self.cfg.train
+        acc = self._accelerator()
+        self.acc = acc
+        main = acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.out)
+        acc.wait_for_everyone()
+
+        set_seed(t.seed)
+        model, tok = build_model(cfg)
+        lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
+        apply_modes(model, cfg)
+        dataset = self._dataset(model, tok, acc)
+        n = len(dataset)
+        if n == 0:
+            raise ConfigError(f"data.train: {cfg.data.train} holds no records")
+        lengths = dataset.modality_lengths() if cfg.data.group_by_length else None
+        plan = BatchPlan(n, t.batch_size, acc.num_processes, t.grad_accum, t.seed, cfg.data.shuffle, lengths,
+                         cfg.data.group_by_length)
+        steps_per_epoch = plan.steps_per_epoch
+        total = t.max_steps or steps_per_epoch * t.epochs
+        pack_len = cfg.data.pack_length or cfg.data.max_length or model.config.max_length
+        collator = TrainCollator(tok.pad_token_id, cfg.data.packing, pack_len)
+
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+        warmup = math.ceil(t.warmup_ratio * total)
+        sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+        scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        model, optimizer = acc.prepare(model, optimizer)
+        raw = acc.unwrap_model(model)
+
+        plan_info = {"num_samples": n, "global_batch": plan.window_size, "micro_batch": plan.micro_size,
+                     "grad_accum": t.grad_accum, "seed": t.seed, "shuffle": cfg.data.shuffle,
+                     "group_by_length": cfg.data.group_by_length, "total_steps": total}
+        step, bad, resumed_from = 0, [], self._resume_path()
+        if resumed_from is not None:
+            step, bad = self._restore(resumed_from, raw, optimizer, scheduler, plan_info)
+
+        if main:
+            cfg.save(self.out / "config.yaml")
+            log.info("model: %s", describe(raw, cfg))
+        if t.report_to:
+            acc.init_trackers("vistune", config=_flat(cfg.to_dict()))
+        metrics = MetricsLog(self.out / METRICS_FILE, resume_step=step if resumed_from else None) if main else None
+        bad_limit = t.max_bad_records if t.max_bad_records >= 1 else t.max_bad_records * n
+        trainable = [p for p in raw.parameters() if p.requires_grad]
+        maybe_unused = [p for part in ("vision", "projector") for p in _module(raw, part).parameters() if p.requires_grad]
+
+        progress = None
+        if main and t.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        start_time = time.perf_counter()
+        tokens_done, first_loss, last_loss, last_saved = 0, None, float("nan"), None
+        try:
+            set_train_mode(raw, cfg)
+            while step < total:
+                epoch, w0 = divmod(step, steps_per_epoch)
+                windows = plan.rank_windows(epoch, acc.process_index)[w0:]
+                loader = DataLoader(
+                    SkipBad(dataset), batch_sampler=[mb for win in windows for mb in win], collate_fn=collator,
+                    num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                    persistent_workers=False,
+                    # Its own generator: creating an iterator must not draw from the global RNG,
+                    # or a resumed run's dropout masks would differ from an uninterrupted run's.
+                    generator=torch.Generator().manual_seed(t.seed + epoch),
+                )
+                it = iter(loader)
+                for win in windows:
+                    t0 = time.perf_counter()
+                    micro = [next(it) for _ in win]
+                    loss, tokens, new_bad, gnorm = self._step(model, optimizer, scheduler, micro, trainable,
+                                                              maybe_unused)
+                    step += 1
+                    tokens_done += tokens
+                    dt = time.perf_counter() - t0
+                    if new_bad:
+                        bad.extend(new_bad)
+                        if main:
+                            for b in new_bad:
+                                _say(progress, f"skipped bad record {b['id']!r}: {b['reason']}")
+                    if loss is not None:
+                        first_loss = loss if first_loss is None else first_loss
+                        last_loss = loss
+                    lr = scheduler.get_last_lr()[0]
+                    rec = {"step": step, "epoch": round(epoch + (w0 + 1) / steps_per_epoch, 4), "loss": loss,
+                           "lr": lr, "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None,
+                           "bad_records": len(bad), "time": round(time.perf_counter() - start_time, 3)}
+                    if main and (step % t.log_every == 0 or step == total):
+                        metrics.log(rec)
+                        if t.report_to:
+                            acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
+                                             tok_s=f"{tokens_done / (time.perf_counter() - start_time):.0f}",
+                                             refresh=False)
+                    if len(bad) > bad_limit:
+                        raise TooManyBadRecords(bad, bad_limit, n)
+                    w0 += 1
+                    if t.save_every and (step % t.save_every == 0 or step == total):
+                        last_saved = self._save_checkpoint(step, raw, optimizer, scheduler, bad, plan_info, epoch, w0)
+                    if step >= total:
+                        break
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics is not None:
+                metrics.close()
+            if main and bad:
+                _write_bad(self.out / "bad_records.jsonl", bad)
+        elapsed = time.perf_counter() - start_time
+
+        acc.wait_for_everyone()
+        model_dir = self.out / "model"
+        projector_path = None
+        if main:
+            raw.eval()
+            if lora_base is not None:
+                from .lora import save_adapter_run
+
+                save_adapter_run(raw, tok, model_dir, lora_base, {p: getattr(t, p) for p in MODULES})
+            else:
+                save_model(raw, tok, model_dir)
+            if t.save_projector and t.projector == "full":
+                projector_path = save_projector(raw, self.out / PROJECTOR_FILE)
+        acc.wait_for_everyone()
+        if t.report_to:
+            acc.end_training()
+
+        result = TrainResult(
+            output_dir=self.out, model_dir=model_dir, final_loss=last_loss,
+            first_loss=first_loss if first_loss is not None else float("nan"), steps=step,
+            metrics_path=self.out / METRICS_FILE, projector_path=projector_path, checkpoint=last_saved,
+            resumed_from=resumed_from, bad_records=bad, elapsed_s=elapsed,
+            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0,
+        )
+        if main:
+            records = read_metrics(result.metrics_path)
+            result.loss_curve = plot_loss(records, self.out / CURVE_FILE, title=f"{self.out.name}: training loss")
+            result.summary_path = self._summary(result, raw, n, plan)
+        return result
+
+    # -- one optimizer step ------------------------------------------------------
+    def _step(self, model, optimizer, scheduler, micro: list[dict], trainable, maybe_unused):
+        acc = self.acc
+        world = acc.num_processes
+        dev = acc.device
+        local = torch.tensor(
+            [sum(supervised_tokens(b) for b in micro), sum(b.get("num_tokens", 0) for b in micro),
+             sum(len(b["bad"]) for b in micro)], dtype=torch.float64, device=dev)
+        glob = acc.reduce(local, "sum") if world > 1 else local
+        n_sup, n_tok, n_bad = (int(x) for x in glob.tolist())
+        new_bad = [b for batch in micro for b in batch["bad"]]
+        if world > 1 and n_bad:
+            from accelerate.utils import gather_object
+
+            new_bad = gather_object(new_bad)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else acc.no_sync(model)
+            with sync:
+                has_data = batch["num_samples"] > 0 and n_sup > 0
+                if has_data:
+                    out = model(**model_inputs(batch, dev))
+                    # Sum of token losses / tokens of the global batch; DDP averages over
+                    # processes, hence x world.
+                    loss = out.loss * (out.num_supervised * world / n_sup)
+                    loss_sum += out.loss.detach().double() * out.num_supervised
+                elif world > 1:
+                    loss = sum(p.sum() for p in trainable) * 0.0  # keep every process in the all-reduce
+                else:
+                    continue
+                if world > 1 and maybe_unused:
+                    # Text-only batches do not touch the tower / projector; DDP needs
+                    # every trainable parameter in the graph.
+                    loss = loss + sum(p.sum() for p in maybe_unused) * 0.0
+                acc.backward(loss)
+        gnorm = None
+        if n_sup > 0 and self.cfg.train.max_grad_norm:
+            gnorm = float(acc.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm))
+        optimizer.step()  # a step of only bad records has no gradients: AdamW leaves the weights alone
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            loss_sum = acc.reduce(loss_sum, "sum")
+        loss = float(loss_sum) / n_sup if n_sup else None
+        return loss, n_tok, new_bad, gnorm
+
+    # -- saving / resuming ---------------------------------------------------------
+    def _save_checkpoint(self, step, raw, optimizer, scheduler, bad, plan_info, epoch, window) -> Path:
+        acc = self.acc
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
+        path = ckpt.checkpoint_dir(self.out, step)
+        if acc.is_main_process:
+            state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "plan": plan_info,
+                     "vistune_version": __version__, "processes": acc.num_processes}
+            ckpt.save_checkpoint(path, trainable=trainable_state_dict(raw), optimizer_state=optimizer.state_dict(),
+                                 scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state)
+            ckpt.prune(self.out, self.cfg.train.keep_last)
+        acc.wait_for_everyone()
+        return path
+
+    def _restore(self, path: Path, raw, optimizer, scheduler, plan_info: dict) -> tuple[int, list]:
+        state = ckpt.read_state(path)
+        diffs = {k: (state["plan"].get(k), v) for k, v in plan_info.items() if state["plan"].get(k) != v}
+        if diffs:
+            shown = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
+            raise ConfigError(f"cannot resume from {path}: the data plan changed ({shown}); "
+                              "use the original settings or a new output_dir")
+        ckpt.load_trainable(raw, path)
+        optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+        scheduler.load_state_dict(ckpt.load_scheduler_state(path))
+        rngs = ckpt.load_rng_states(path)
+        rank = self.acc.process_index
+        ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if self.acc.is_main_process:
+            log.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"]), list(state.get("bad_records", []))
+
+    def _lora_base(self, model, tok) -> Path:
+        """The frozen base of a LoRA run: model.from, or a copy written once into the run."""
+        if self.cfg.model.from_ is not None:
+            return Path(self.cfg.model.from_).resolve()
+        base = self.out / "base"
+        if self.acc.is_main_process and not (base / "config.json").exists():
+            save_model(model, tok, base)
+        self.acc.wait_for_everyone()
+        return base.resolve()
+
+    def _summary(self, r: TrainResult, raw, n: int, plan: BatchPlan) -> Path:
+        t = self.cfg.train
+        rows = [
+            ("output", f"`{r.model_dir}`"),
+            ("modules", describe(raw, self.cfg)),
+            ("records", str(n)),
+            ("steps", f"{r.steps} ({plan.steps_per_epoch} per epoch, global batch {plan.window_size})"),
+            ("loss", f"{r.first_loss:.4f} -> {r.final_loss:.4f}"),
+            ("learning rate", f"{t.lr:g} ({t.scheduler}, warmup {t.warmup_ratio:g})"),
+            ("throughput", f"{r.tokens_per_s:.0f} tokens/s over {r.elapsed_s:.1f} s"),
+            ("processes", str(self.acc.num_processes)),
+            ("precision", self.acc.mixed_precision),
+            ("bad records skipped", str(len(r.bad_records))),
+        ]
+        if r.resumed_from:
+            rows.append(("resumed from", f"`{r.resumed_from}`"))
+        return write_summary(self.out / SUMMARY_FILE, rows, r.bad_records, title=f"Training run {self.out.name}")
+
+
+def _module(model, part: str):
+    return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
+
+
+def _say(progress, msg: str) -> None:
+    if progress is not None:
+        progress.write(msg)
+    else:
+        log.warning(msg)
+
+
+def _write_bad(path: Path, bad: list[dict]) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(b) + "\n" for b in bad))
+    os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,94 @@
+"""What a run shows: metrics.jsonl, a loss-curve PNG and a Markdown summary."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "loss_curve.png"
+SUMMARY_FILE = "summary.md"
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step; a resumed run drops lines past its step."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything before it is good
+    return out
+
+
+def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "training loss") -> Path | None:
+    """Loss per step (raw and smoothed) and the learning rate, as a PNG."""
+    pts = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*pts)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, losses, color="#9ecae1", lw=1, label="loss")
+    k = max(1, len(losses) // 25)
+    if k > 1:
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="#08519c", lw=2, label=f"mean of {k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    lrs = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="#fd8d3c", lw=1, ls="--", label="lr")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_summary(path: str | os.PathLike, rows: list[tuple[str, str]], bad: list[dict], title: str) -> Path:
+    lines = [f"# {title}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if bad:
+        lines += ["", f"## Skipped records ({len(bad)})", "", "| id | reason |", "|---|---|"]
+        lines += [f"| {b['id']} | {str(b['reason']).replace('|', '/')} |" for b in bad[:200]]
+        if len(bad) > 200:
+            lines.append(f"| ... | {len(bad) - 200} more in bad_records.jsonl |")
+    lines += ["", f"![loss curve]({CURVE_FILE})", ""]
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,225 @@
+"""What a run trains: the model it starts from, and which modules learn.
+
+LLaVA's two stages are two settings of the same switches:
+
+    stage 1 (feature alignment)   vision frozen, projector full, llm frozen
+    stage 2 (instruction tuning)  vision frozen, projector full, llm full | lora
+
+From-scratch tiny models set ``train.vision: full`` and use the same code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..model.build import build_vlm
+from ..model.checkpoint import load_model
+from ..model.vlm import VisionLanguageModel
+from .config import ConfigError, RunConfig, module_lr
+
+MODULES = ("vision", "projector", "llm")
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
+    """The model a run starts from (weights in fp32; autocast handles lower precision)."""
+    m, data = cfg.model, cfg.data
+    if m.from_ is not None:
+        model, tok = load_model(m.from_)
+        if m.projector is not None and m.projector != model.config.projector_type:
+            raise ConfigError(
+                f"model.projector is {m.projector!r} but {m.from_} has a {model.config.projector_type!r} projector"
+            )
+    elif m.vision is not None and m.llm is not None:
+        for part in ("vision", "llm"):
+            src = getattr(m, part)
+            if isinstance(src, str) and not Path(src).exists():
+                raise ConfigError(f"model.{part}: path does not exist: {src}")
+        if m.tokenizer is not None and not Path(m.tokenizer).exists():
+            raise ConfigError(f"model.tokenizer: path does not exist: {m.tokenizer}")
+        model, tok = build_vlm(
+            m.vision, m.llm, m.tokenizer,
+            projector_type=m.projector or "mlp2x_gelu",
+            vision_feature_layer=m.vision_feature_layer,
+            vision_feature_select=m.vision_feature_select,
+            template=data.template or "vicuna_v1",
+            image_aspect=m.image_aspect,
+            max_length=data.max_length or 2048,
+        )
+    else:
+        raise ConfigError("no model: set model.from, or model.vision and model.llm")
+    # The model remembers the template and length it was trained with, for inference.
+    if data.template is not None:
+        model.config.template = data.template
+    if data.max_length is not None:
+        model.config.max_length = data.max_length
+    if m.projector_from is not None:
+        load_projector(model, m.projector_from)
+    return model, tok
+
+
+# -- projector-only files ----------------------------------------------------------
+# Projector weights under other tools' names, mapped onto vistune's nn.Sequential.
+_PROJECTOR_PREFIXES = ("projector.", "model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
+                       "multi_modal_projector.")
+_LLAVA_HF_NAMES = {"linear_1": "0", "linear_2": "2"}
+
+
+def save_projector(model: VisionLanguageModel, path: str | os.PathLike) -> Path:
+    """Write the projector alone (safetensors), for a later stage's ``model.projector_from``."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    meta = {
+        "format": "pt",
+        "projector_type": model.config.projector_type,
+        "vision_hidden_size": str(model.vision.hidden_size),
+        "text_hidden_size": str(model.language_model.get_input_embeddings().embedding_dim),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_projector(model: VisionLanguageModel, path: str | os.PathLike) -> None:
+    """Load projector weights from a safetensors file (vistune, LLaVA or llava-hf key names)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    if not path.exists():
+        raise ConfigError(f"model.projector_from: file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"model.projector_from: {path} is not a .safetensors file (vistune never loads pickles)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        state = {_projector_key(k): f.get_tensor(k) for k in f.keys()}
+    kind = meta.get("projector_type")
+    if kind and kind != model.config.projector_type:
+        raise ConfigError(
+            f"model.projector_from: {path} holds a {kind!r} projector but the model's is "
+            f"{model.config.projector_type!r} (set model.projector: {kind})"
+        )
+    own = model.projector.state_dict()
+    if set(state) != set(own):
+        raise ConfigError(
+            f"model.projector_from: {path} has keys {sorted(state)[:6]}, the model's projector has {sorted(own)[:6]}"
+        )
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ConfigError(
+                f"model.projector_from: {path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
+                "(the vision tower or LLM differs from the one the projector was trained with)"
+            )
+    model.projector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _projector_key(k: str) -> str:
+    for p in _PROJECTOR_PREFIXES:
+        if k.startswith(p):
+            k = k[len(p):]
+            break
+    head, _, rest = k.partition(".")
+    return f"{_LLAVA_HF_NAMES.get(head, head)}.{rest}" if rest else k
+
+
+# -- what learns ---------------------------------------------------------------------
+def module_of(model: VisionLanguageModel, part: str) -> nn.Module:
+    return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
+
+
+def apply_modes(model: VisionLanguageModel, cfg: RunConfig) -> VisionLanguageModel:
+    """Freeze, fully train, or wrap with LoRA each of vision / projector / llm."""
+    from .lora import wrap_lora
+
+    t = cfg.train
+    for part in MODULES:
+        mode = getattr(t, part)
+        mod = module_of(model, part)
+        mod.requires_grad_(mode == "full")
+        if mode == "lora":
+            wrapped = wrap_lora(mod.model if part == "vision" else mod, cfg.lora, part)
+            if part == "vision":
+                model.vision.model = wrapped
+            else:
+                model.language_model = wrapped
+    if t.gradient_checkpointing:
+        for part in ("vision", "llm"):
+            if getattr(t, part) == "frozen" and part == "vision":
+                continue  # a frozen tower runs without grad: nothing to recompute
+            hf = model.vision.model if part == "vision" else model.language_model
+            base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+            if getattr(base, "supports_gradient_checkpointing", False):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.config.use_cache = False
+    return model
+
+
+def set_train_mode(model: VisionLanguageModel, cfg: RunConfig) -> None:
+    """train() for learning modules; eval() (no dropout) for frozen ones."""
+    model.train()
+    for part in MODULES:
+        if getattr(cfg.train, part) == "frozen":
+            module_of(model, part).eval()
+
+
+def trainable_summary(model: VisionLanguageModel) -> dict[str, tuple[int, int]]:
+    """{module: (trainable params, total params)}."""
+    out = {}
+    for part in MODULES:
+        params = list(module_of(model, part).parameters())
+        out[part] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    return out
+
+
+def param_groups(model: VisionLanguageModel, cfg: RunConfig) -> list[dict]:
+    """AdamW groups: one per module and decay / no-decay.
+
+    Biases and norm weights (1-D tensors) get no weight decay, as in LLaVA's trainer.
+    """
+    groups = []
+    seen: set[int] = set()
+    for part in MODULES:
+        decay, no_decay = [], []
+        for p in module_of(model, part).parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        lr = module_lr(cfg.train, part)
+        for params, wd, kind in ((decay, cfg.train.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{part}/{kind}"})
+    if not groups:
+        raise ConfigError("no parameter requires a gradient: check train.vision / train.projector / train.llm")
+    return groups
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that learn, by their names in ``model`` (what checkpoints store)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def describe(model: VisionLanguageModel, cfg: RunConfig) -> str:
+    parts = []
+    for part, (tr, tot) in trainable_summary(model).items():
+        parts.append(f"{part}: {getattr(cfg.train, part)} ({tr / 1e6:.2f}M / {tot / 1e6:.2f}M trainable)")
+    return "; ".join(parts)
+
+
+def run_info(cfg: RunConfig, model: VisionLanguageModel) -> dict:
+    return {"modules": {p: getattr(cfg.train, p) for p in MODULES},
+            "trainable": {p: list(v) for p, v in trainable_summary(model).items()},
+            "projector_type": model.config.projector_type}
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

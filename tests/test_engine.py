@@ -1,0 +1,219 @@
+"""The inference engine: batching, KV cache, sampling, stops, streaming, image reuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, noise_image, solid_image
+
+from vistune.infer.detokenize import IncrementalDecoder, ReplyText
+from vistune.infer.engine import Completion, Engine, GenerationConfig, Prompt, PromptError, PromptTooLong
+from vistune.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
+from vistune.model.checkpoint import LoadedModel, save_model
+from vistune.text.encode import IGNORE_INDEX, encode_conversation
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer) -> Engine:
+    model, tok = make_model(tokenizer)
+    return Engine(LoadedModel(model, tok))
+
+
+def mixed_prompts() -> list[Prompt]:
+    return [
+        Prompt.ask("what color is the circle?"),
+        Prompt.ask("describe the image", [noise_image(1)]),
+        Prompt([{"from": "human", "value": "<image>\nleft one. <image>\nright one. how many objects are there?"}],
+               [noise_image(2), solid_image((0, 255, 0))]),
+        Prompt([{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a red square"},
+                {"from": "human", "value": "and on the left side?"}], [noise_image(3)]),
+        Prompt.ask("yes", system="Answer in one word."),
+    ]
+
+
+def test_batched_equals_one_by_one_greedy(engine):
+    prompts = mixed_prompts()
+    cfg = GenerationConfig(max_new_tokens=12)
+    batched = engine.generate(prompts, cfg)
+    single = [engine.generate([p], cfg)[0] for p in prompts]
+    assert len({c.prompt_tokens for c in batched}) > 2  # really mixed lengths
+    assert batched == single
+    for c in batched:
+        assert isinstance(c, Completion) and c.completion_tokens >= 1 and c.finish_reason in ("stop", "length")
+
+
+def test_rows_finishing_at_different_steps_leave_the_batch(engine):
+    prompts = mixed_prompts()[:4]
+    configs = [GenerationConfig(max_new_tokens=n) for n in (3, 15, 1, 9)]
+    batched = engine.generate(prompts, configs)
+    assert [c.completion_tokens for c in batched] == [3, 15, 1, 9]
+    assert all(c.finish_reason == "length" for c in batched)
+    assert batched == [engine.generate([p], c)[0] for p, c in zip(prompts, configs)]
+
+
+def test_dynamic_cache_gives_the_same_tokens(engine):
+    other = Engine(engine.loaded, preallocate_cache=False)
+    prompts, cfg = mixed_prompts(), GenerationConfig(max_new_tokens=10)
+    assert other.generate(prompts, cfg) == engine.generate(prompts, cfg)
+
+
+def test_stream_adds_up_to_generate(engine):
+    for p in mixed_prompts()[:3]:
+        cfg = GenerationConfig(max_new_tokens=16)
+        pieces = list(engine.stream(p, cfg))
+        assert len(pieces) > 1
+        assert "".join(pieces) == engine.generate([p], cfg)[0].text
+
+
+def test_user_stop_string_cuts_the_reply(engine):
+    p = Prompt.ask("describe the image", [noise_image(1)])
+    full = engine.generate([p], GenerationConfig(max_new_tokens=20))[0].text
+    assert len(full) > 6
+    stop = full[4:7]
+    cut = engine.generate([p], GenerationConfig(max_new_tokens=20, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)].strip()
+    assert stop not in cut.text
+    streamed = "".join(engine.stream(p, GenerationConfig(max_new_tokens=20, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_eos_stops_generation(tokenizer):
+    model, tok = make_model(tokenizer)
+    eng = Engine(LoadedModel(model, tok))
+    p = Prompt.ask("what color?")
+    run = eng.start([p], GenerationConfig(max_new_tokens=1))
+    list(run)
+    first = run.rows[0].tokens[0]
+    head = model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        # Make EOS the clear favourite: its logit becomes 10x that of the token greedy picked.
+        head[tok.eos_token_id] = head[first] * 10
+    out = eng.generate([p], GenerationConfig(max_new_tokens=8))[0]
+    assert out.finish_reason == "stop" and out.text == "" and out.completion_tokens == 1
+
+
+def test_stop_strings_by_template(tokenizer):
+    ids, texts = Engine(LoadedModel(*make_model(tokenizer, template="chatml"))).stop_strings(GenerationConfig())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and texts == []
+    ids, texts = Engine(LoadedModel(*make_model(tokenizer, template="v0"))).stop_strings(GenerationConfig(stop=["\n\n"]))
+    assert texts == ["###", "\n\n"] and ids == {tokenizer.eos_token_id}
+    ids, texts = Engine(LoadedModel(*make_model(tokenizer, template="llama_2"))).stop_strings(GenerationConfig())
+    assert ids == {tokenizer.eos_token_id} and texts == []  # " </s>" is matched as the EOS id
+
+
+def test_inference_prompt_is_the_training_prefix(engine):
+    turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a red square"},
+             {"from": "human", "value": "and on the left?"}]
+    enc = engine.encode(Prompt(turns, [noise_image(0)]))
+    full = encode_conversation(
+        engine.tokenizer, engine.template, turns + [{"from": "gpt", "value": "a blue circle"}],
+        image_token_id=engine.image_token_id, num_image_tokens=engine.num_image_tokens,
+    )
+    last_reply_start = max(i for i, lab in enumerate(full.labels)
+                           if lab != IGNORE_INDEX and full.labels[i - 1] == IGNORE_INDEX)
+    assert enc.input_ids == full.input_ids[:last_reply_start]
+
+
+def test_images_go_first_without_placeholders(engine):
+    imgs = [noise_image(1), noise_image(2)]
+    implicit = engine.encode(Prompt.ask("compare them", imgs))
+    explicit = engine.encode(Prompt.ask("<image>\n<image>\ncompare them", imgs))
+    assert implicit.input_ids == explicit.input_ids
+    assert implicit.input_ids.count(engine.image_token_id) == 2 * engine.num_image_tokens
+
+
+def test_bad_prompts_are_refused_clearly(engine):
+    with pytest.raises(PromptError, match="2 <image> placeholders but 1 images"):
+        engine.encode(Prompt.ask("<image> and <image>", [noise_image(1)]))
+    with pytest.raises(PromptError, match="roles out of order|ends with"):
+        engine.encode(Prompt([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]))
+    with pytest.raises(PromptError, match="image 0"):
+        engine.encode(Prompt.ask("x", [torch.zeros(5)]))
+    with pytest.raises(PromptTooLong, match="context"):
+        engine.encode(Prompt.ask("red " * 3000))
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=-1)
+
+
+def test_image_features_are_computed_once(tokenizer):
+    model, tok = make_model(tokenizer)
+    eng = Engine(LoadedModel(model, tok))
+    calls = []
+    orig = model.encode_images
+    model.encode_images = lambda px: (calls.append(px.shape[0]), orig(px))[1]
+    img = noise_image(7)
+    cfg = GenerationConfig(max_new_tokens=2)
+    a = eng.generate([Prompt.ask("what is it?", [img])], cfg)
+    b = eng.generate([Prompt.ask("what is it?", [img.copy()])], cfg)  # same pixels, new object
+    assert calls == [1] and a == b
+    # Projected embeddings passed in directly skip the vision tower and give the same answer.
+    c = eng.generate([Prompt.ask("what is it?", [eng.image_embeds([img])[0]])], cfg)
+    assert calls == [1] and c == a
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    prompts = mixed_prompts()[:3]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=123)
+    a = engine.generate(prompts, cfg)
+    b = engine.generate(prompts, cfg)
+    assert a == b
+    alone = engine.generate([prompts[1]], cfg)[0]
+    assert alone == a[1]  # a row's random stream does not depend on its neighbours
+    other = engine.generate(prompts, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7))
+    assert other != a
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    prompts = mixed_prompts()[:2]
+    greedy = engine.generate(prompts, GenerationConfig(max_new_tokens=10))
+    assert engine.generate(prompts, GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=1, seed=1)) == greedy
+    assert engine.generate(prompts, GenerationConfig(max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=2)) == greedy
+
+
+def test_repetition_penalty_changes_and_is_per_row(engine):
+    p = mixed_prompts()[1]
+    plain = engine.generate([p], GenerationConfig(max_new_tokens=20))[0]
+    penal = GenerationConfig(max_new_tokens=20, repetition_penalty=5.0)
+    pen = engine.generate([p], penal)[0]
+    assert pen != plain
+    # Mixed in one batch, each row keeps its own setting.
+    assert engine.generate([p, p], [GenerationConfig(max_new_tokens=20), penal]) == [plain, pen]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = apply_repetition_penalty(logits[None], torch.tensor([[0, 1, 1]]), torch.tensor([[2.0]]))[0]
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]
+    kept = filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    assert torch.isinf(kept).tolist() == [False, True, True, False]
+    p = logits.softmax(-1)  # 3.0 holds ~0.63 of the mass, 2.0 ~0.23
+    kept = filter_top_k_top_p(logits, top_k=0, top_p=0.7)
+    assert torch.isinf(kept).tolist() == [False, True, True, False] and p[3] < 0.7
+
+
+def test_incremental_decoding_is_safe_across_token_boundaries(tokenizer):
+    text = "naïve café — 你好 🙂 red circle"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_reply_text_holds_back_possible_stops():
+    r = ReplyText(["###"])
+    shown = []
+    for piece in [" Hello", " wor", "ld #", "#", "# ignored"]:
+        r.add(piece)
+        shown.append(r.pending())
+    shown.append(r.pending(final=True))
+    assert r.stopped and r.text == "Hello world"
+    assert shown == ["Hello", " wor", "ld", "", "", ""]  # " #" and "##" waited, then were cut
+
+
+def test_from_path_round_trip(tokenizer, tmp_path):
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path / "m")
+    p, cfg = mixed_prompts()[2], GenerationConfig(max_new_tokens=8)
+    assert Engine.from_path(path).generate([p], cfg) == Engine(LoadedModel(model, tok)).generate([p], cfg)
+    assert Engine.from_path(path).name == "m"

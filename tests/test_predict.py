@@ -1,0 +1,111 @@
+"""Batch prediction over a question file: answers, resume, clear errors, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_model, noise_image, solid_image
+
+from vistune.cli import main
+from vistune.infer.engine import Engine, GenerationConfig, Prompt
+from vistune.infer.predict import PredictError, predict_file, read_questions
+from vistune.model.checkpoint import LoadedModel, save_model
+
+CFG = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture
+def setup(tokenizer, tmp_path):
+    model, tok = make_model(tokenizer)
+    engine = Engine(LoadedModel(model, tok))
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    noise_image(1).save(imgs / "a.png")
+    solid_image((0, 255, 0)).save(imgs / "b.png")
+    questions = [
+        {"question_id": 1, "image": "a.png", "text": "what is it?"},
+        {"question_id": "q2", "text": "a question without an image"},
+        {"question_id": 3, "image": ["a.png", "b.png"], "text": "compare them"},
+        {"question_id": 4, "image": "b.png", "text": "<image>\nwhat color? Answer with one word."},
+        {"question_id": 5, "image": "b.png", "text": "is it green?"},
+    ]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return engine, model, tok, imgs, qfile, questions
+
+
+def expected(engine, imgs, q):
+    from PIL import Image
+
+    files = [q["image"]] if isinstance(q.get("image"), str) else q.get("image", [])
+    images = [Image.open(imgs / f).convert("RGB") for f in files]
+    return engine.generate([Prompt.ask(q["text"], images)], CFG)[0].text
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_answers_equal_one_by_one_generation(setup, tmp_path):
+    engine, model, tok, imgs, qfile, questions = setup
+    out = tmp_path / "answers.jsonl"
+    stats = predict_file(engine, qfile, out, imgs, batch_size=2, config=CFG, model_name="tiny", progress=False)
+    assert (stats.total, stats.skipped, stats.written) == (5, 0, 5)
+    answers = read(out)
+    assert [a["question_id"] for a in answers] == [1, "q2", 3, 4, 5]
+    assert all(a["model"] == "tiny" and a["prompt"] == q["text"] for a, q in zip(answers, questions))
+    assert [a["text"] for a in answers] == [expected(engine, imgs, q) for q in questions]
+
+
+def test_resume_skips_answered_and_drops_a_torn_line(setup, tmp_path):
+    engine, model, tok, imgs, qfile, questions = setup
+    full = tmp_path / "full.jsonl"
+    predict_file(engine, qfile, full, imgs, batch_size=5, config=CFG, progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    out = tmp_path / "answers.jsonl"
+    out.write_text(lines[0] + lines[2] + lines[1][:25])  # ids 1 and 3 done, q2 torn mid-write
+    stats = predict_file(engine, qfile, out, imgs, batch_size=2, config=CFG, progress=False)
+    assert (stats.skipped, stats.written) == (2, 3)
+    answers = read(out)
+    assert sorted(map(str, (a["question_id"] for a in answers))) == ["1", "3", "4", "5", "q2"]
+    assert {json.dumps(a["question_id"]): a["text"] for a in answers} == \
+        {json.dumps(a["question_id"]): a["text"] for a in read(full)}
+    again = predict_file(engine, qfile, out, imgs, batch_size=2, config=CFG, progress=False)
+    assert again.written == 0 and len(read(out)) == 5
+
+
+def test_bad_input_names_the_culprit(setup, tmp_path):
+    engine, model, tok, imgs, qfile, questions = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_id": 7, "image": "nope.png", "text": "hi"}) + "\n")
+    with pytest.raises(PredictError, match=r"question 7 .*nope\.png"):
+        predict_file(engine, bad, tmp_path / "o.jsonl", imgs, config=CFG, progress=False)
+    bad.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n')
+    with pytest.raises(PredictError, match=r"bad\.jsonl:2: question_id 1 repeats line 1"):
+        read_questions(bad)
+    bad.write_text('{"question_id": 1, "text": "a"}\n{not json\n')
+    with pytest.raises(PredictError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_questions(bad)
+    bad.write_text('{"question_id": 1}\n')
+    with pytest.raises(PredictError, match="has no 'text'"):
+        read_questions(bad)
+    out = tmp_path / "corrupt.jsonl"
+    out.write_text("garbage\n")
+    with pytest.raises(PredictError, match=r"corrupt\.jsonl:1: not an answer line"):
+        predict_file(engine, qfile, out, imgs, config=CFG, progress=False)
+
+
+def test_cli_predict(setup, tmp_path, capsys):
+    engine, model, tok, imgs, qfile, questions = setup
+    path = save_model(model, tok, tmp_path / "m")
+    out = tmp_path / "a.jsonl"
+    argv = ["predict", "--model", str(path), "--data", str(qfile), "--images", str(imgs), "--out", str(out),
+            "--batch-size", "3", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "5 questions: 5 answered now, 0 already" in captured.out
+    assert "predict" in captured.err  # the progress bar
+    answers = read(out)
+    assert [a["text"] for a in answers] == [expected(engine, imgs, q) for q in questions]
+    assert answers[0]["model"] == "m"
+    assert main(argv) == 0 and "0 answered now, 5 already" in capsys.readouterr().out

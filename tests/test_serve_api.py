@@ -1,0 +1,188 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over loopback."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from conftest import make_model, noise_image, solid_image
+from live_server import LiveServer, data_url
+
+from vistune.infer.engine import Engine, GenerationConfig, Prompt
+from vistune.model.checkpoint import save_model
+from vistune.serve.api import ServeSettings, create_app
+
+KEY = "test-secret"
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, tmp_path_factory):
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path_factory.mktemp("serve") / "tiny-vlm")
+    engine = Engine.from_path(path)
+    settings = ServeSettings(api_key=KEY, max_images_per_request=2, max_body_bytes=200_000,
+                             max_image_pixels=100_000, max_tokens_limit=64, batch_wait_ms=20)
+    app = create_app(engine, settings)
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield engine, app, srv, client
+
+
+def ask(client, content, **kw):
+    return client.chat.completions.create(model="tiny-vlm", messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_health(served):
+    engine, app, srv, client = served
+    assert [m.id for m in client.models.list().data] == ["tiny-vlm"]
+    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_plain_answer_and_usage(served):
+    engine, app, srv, client = served
+    resp = ask(client, "what color is the circle?", max_tokens=12, temperature=0)
+    want = engine.generate([Prompt.ask("what color is the circle?")], GenerationConfig(max_new_tokens=12))[0]
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want.text
+    assert choice.finish_reason == want.finish_reason
+    assert resp.usage.prompt_tokens == want.prompt_tokens
+    assert resp.usage.completion_tokens == want.completion_tokens
+    assert resp.usage.total_tokens == want.prompt_tokens + want.completion_tokens
+    assert resp.object == "chat.completion" and resp.model == "tiny-vlm"
+
+
+def test_streaming(served):
+    engine, app, srv, client = served
+    stream = ask(client, "describe the picture", max_tokens=16, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = [c.usage for c in chunks if c.usage]
+    want = ask(client, "describe the picture", max_tokens=16)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert text == want.choices[0].message.content
+    assert finish == [want.choices[0].finish_reason]
+    assert usage and usage[0].completion_tokens == want.usage.completion_tokens
+
+
+def test_image_as_data_url(served):
+    engine, app, srv, client = served
+    img = noise_image(5)
+    resp = ask(client, [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                        {"type": "text", "text": "what is in the image?"}], max_tokens=10)
+    want = engine.generate([Prompt.ask("what is in the image?", [img])], GenerationConfig(max_new_tokens=10))[0]
+    assert resp.choices[0].message.content == want.text
+    assert resp.usage.prompt_tokens == want.prompt_tokens  # the image tokens are counted
+    # A system message and a multi-turn history map onto the template's system text and turns.
+    resp = client.chat.completions.create(model="tiny-vlm", max_tokens=8, messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                     {"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": "a square"},
+        {"role": "user", "content": "which color?"}])
+    want = engine.generate([Prompt([{"from": "human", "value": "<image>\nwhat is it?"},
+                                    {"from": "gpt", "value": "a square"},
+                                    {"from": "human", "value": "which color?"}], [img], system="Answer briefly.")],
+                           GenerationConfig(max_new_tokens=8))[0]
+    assert resp.choices[0].message.content == want.text
+
+
+@pytest.mark.parametrize("case", ["missing_messages", "bad_base64", "file_path", "file_url", "too_many_images",
+                                  "remote_disabled", "too_many_pixels", "image_token_in_text", "max_tokens",
+                                  "unknown_model", "last_not_user", "n2"])
+def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
+    engine, app, srv, client = served
+    img = data_url(solid_image((0, 0, 255), (16, 16)))
+
+    def image(url):
+        return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
+
+    calls = {
+        "missing_messages": lambda: client.chat.completions.create(model="tiny-vlm", messages=openai.omit),
+        "bad_base64": lambda: ask(client, image("data:image/png;base64,@@not*base64@@")),
+        "file_path": lambda: ask(client, image("/etc/passwd")),
+        "file_url": lambda: ask(client, image("file:///etc/passwd")),
+        "too_many_images": lambda: ask(client, image(img) + image(img) + image(img)),
+        "remote_disabled": lambda: ask(client, image("http://127.0.0.1:9/x.png")),
+        "too_many_pixels": lambda: ask(client, image(data_url(solid_image((1, 2, 3), (400, 400))))),
+        "image_token_in_text": lambda: ask(client, "look: <image>"),
+        "max_tokens": lambda: ask(client, "hi", max_tokens=65),
+        "unknown_model": lambda: client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}]),
+        "last_not_user": lambda: client.chat.completions.create(model="tiny-vlm", messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
+        "n2": lambda: ask(client, "hi", n=2),
+    }
+    expect = {  # case: (status, param, code)
+        "missing_messages": (400, "messages", "missing_required_parameter"),
+        "bad_base64": (400, "messages[0].content[0].image_url", "invalid_image"),
+        "file_path": (400, "messages[0].content[0].image_url", "invalid_image_url"),
+        "file_url": (400, "messages[0].content[0].image_url", "invalid_image_url"),
+        "too_many_images": (400, "messages", "too_many_images"),
+        "remote_disabled": (400, "messages[0].content[0].image_url", "remote_images_disabled"),
+        "too_many_pixels": (400, "messages[0].content[0].image_url", "image_too_large"),
+        "image_token_in_text": (400, "messages[0].content", None),
+        "max_tokens": (400, "max_tokens", "max_tokens_exceeded"),
+        "unknown_model": (404, "model", "model_not_found"),
+        "last_not_user": (400, "messages", None),
+        "n2": (400, "n", None),
+    }[case]
+    with pytest.raises(openai.APIStatusError) as ei:
+        calls[case]()
+    status, param, code = expect
+    assert ei.value.status_code == status
+    err = ei.value.response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param and err["code"] == code
+
+
+def test_wrong_api_key_is_401(served):
+    engine, app, srv, client = served
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key=key or "x", max_retries=0)
+        if not key:
+            bad = httpx.Client(base_url=srv.url)  # no Authorization header at all
+            r = bad.post("/v1/chat/completions", json={"model": "tiny-vlm", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            continue
+        with pytest.raises(openai.AuthenticationError) as ei:
+            ask(bad, "hi")
+        assert ei.value.response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_body_over_the_limit_is_413(served):
+    engine, app, srv, client = served
+    with pytest.raises(openai.APIStatusError) as ei:
+        ask(client, "red " * 60_000)
+    assert ei.value.status_code == 413 and ei.value.response.json()["error"]["code"] == "body_too_large"
+    # Without a Content-Length (chunked upload) the limit holds too.
+    body = b'{"model": "tiny-vlm", "messages": [{"role": "user", "content": "' + b"a" * 300_000 + b'"}]}'
+    r = httpx.post(srv.url + "/v1/chat/completions", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_16_concurrent_clients_equal_sequential_answers(served):
+    engine, app, srv, client = served
+    questions = [("what color is it?", None), ("how many objects?", noise_image(1)),
+                 ("describe the image in detail please", noise_image(2)), ("yes or no?", None)] * 4
+    questions = [(f"{q} ({i})", img) for i, (q, img) in enumerate(questions)]
+
+    def content(q, img):
+        if img is None:
+            return q
+        return [{"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": q}]
+
+    def one(item):
+        r = ask(client, content(*item), max_tokens=12, temperature=0)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    sequential = [one(item) for item in questions]
+    before = len(app.state.batcher.batch_sizes)
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(one, questions))
+    assert concurrent == sequential
+    sizes = app.state.batcher.batch_sizes[before:]
+    assert sum(sizes) == 16 and max(sizes) > 1  # requests arriving together were batched together

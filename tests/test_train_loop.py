@@ -1,0 +1,116 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train_fixtures import subset, tiny_config, tiny_data  # noqa: F401
+from vistune.train import TooManyBadRecords, run
+from vistune.train.checkpoints import latest_checkpoint, list_checkpoints
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def with_bad_records(tiny_data, path: Path) -> tuple[Path, set[str]]:
+    """Twelve good records plus a missing image, an undecodable image and an over-long sample."""
+    subset(tiny_data["pretrain"], path, 12)
+    junk = path.parent / "junk.png"
+    junk.write_bytes(b"not a png at all")
+    bad = [
+        {"id": "missing-img", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red."}]},
+        {"id": "junk-img", "image": str(junk), "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red."}]},
+        {"id": "too-long", "image": ["img_0000.png"] * 5, "conversations": [  # 5 x 16 image tokens > 64
+            {"from": "human", "value": "<image>" * 5}, {"from": "gpt", "value": "red."}]},
+    ]
+    with open(path, "a") as f:
+        for r in bad:
+            f.write(json.dumps(r) + "\n")
+    return path, {r["id"] for r in bad}
+
+
+def test_bad_records_are_skipped_counted_and_reported(tiny_data, tmp_path):
+    data, bad_ids = with_bad_records(tiny_data, tmp_path / "mixed.jsonl")
+    cfg = tiny_config(tiny_data, tmp_path / "run", {"data.train": str(data), "data.max_length": 64,
+                                                     "train.max_bad_records": 3}, stage=1)
+    r = run(cfg)
+    assert {b["id"] for b in r.bad_records} == bad_ids
+    reasons = {b["id"]: b["reason"] for b in r.bad_records}
+    assert "nope.png" in reasons["missing-img"] and "junk.png" in reasons["junk-img"]
+    assert r.steps == 4  # 15 records / batch 4; steps with bad records still train on the rest
+    logged = [json.loads(x) for x in (r.output_dir / "bad_records.jsonl").read_text().splitlines()]
+    assert {b["id"] for b in logged} == bad_ids
+    summary = r.summary_path.read_text()
+    assert "Skipped records (3)" in summary and "missing-img" in summary
+    rows = [json.loads(x) for x in r.metrics_path.read_text().splitlines()]
+    assert rows[-1]["bad_records"] == 3 and all(row["loss"] > 0 for row in rows)
+
+    # One bad record fewer allowed than met: the run stops, naming them.
+    cfg = cfg.with_overrides(["train.max_bad_records=2", f"output_dir={tmp_path / 'run2'}"])
+    with pytest.raises(TooManyBadRecords, match=r"3 bad records \(limit 2 of 15.*'(missing-img|junk-img|too-long)'"):
+        run(cfg)
+    # As a fraction of the data set: 3 / 15 = 20 % > 10 %
+    with pytest.raises(TooManyBadRecords, match=r"limit 1.5 of 15"):
+        run(cfg.with_overrides(["train.max_bad_records=0.1"]))
+
+
+def _config_file(tiny_data, tmp_path, out: Path) -> tuple[Path, object]:
+    # Dropout on: resuming must restore the RNG too, not only weights and optimizer.
+    cfg = tiny_config(tiny_data, out, {"data.train": str(tiny_data["pretrain"]), "train.epochs": 2,
+                                       "train.batch_size": 2, "train.grad_accum": 2, "train.save_every": 3,
+                                       "train.keep_last": 2, "train.llm": "full", "train.warmup_ratio": 0.1,
+                                       "model.llm.attention_dropout": 0.2, "train.seed": 7}, stage=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path, cfg
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    out = tmp_path / "killed"
+    cfg_file, cfg = _config_file(tiny_data, tmp_path, out)
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "vistune.cli", "train", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None and latest_checkpoint(out) is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model").exists()
+    at = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["step"]
+    total = 12  # 24 records / (2 x 2) per step x 2 epochs
+    assert 3 <= at < total
+
+    resumed = run(cfg, resume="auto")
+    assert resumed.resumed_from is not None and resumed.steps == total
+    straight = run(cfg.with_overrides([f"output_dir={tmp_path / 'straight'}"]))
+    a = [json.loads(x) for x in resumed.metrics_path.read_text().splitlines()]
+    b = [json.loads(x) for x in straight.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in a] == list(range(1, total + 1)) == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5), ra["step"]
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-6)
+    assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-4)
+    # keep_last=2, and no temporary directories left behind by the kill
+    names = [p.name for p in list_checkpoints(out)]
+    assert names == ["step-00000009", "step-00000012"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_a_changed_data_plan(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "r", {"train.max_steps": 2, "train.save_every": 1}, stage=1)
+    run(cfg)
+    with pytest.raises(Exception, match=r"data plan changed \(global_batch: 4 -> 8"):
+        run(cfg.with_overrides(["train.batch_size=8", "train.max_steps=3"]), resume="auto")

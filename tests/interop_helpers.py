@@ -114,3 +114,24 @@ class Evil:
 def poison(path: Path, marker: Path) -> None:
     """Replace a .bin with a pickle that runs code when loaded without weights_only."""
     torch.save({"model.mm_projector.0.weight": Evil(marker)}, path)
+
+
+def sentencepiece_llama_tokenizer(d: Path, vocab_size: int = 300) -> Path:
+    """A Llama SentencePiece tokenizer as LLaVA releases ship it: tokenizer.model +
+    tokenizer_config.json only (no tokenizer.json, no <image>, no pad token)."""
+    import sentencepiece as spm
+
+    from conftest import corpus
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "corpus.txt").write_text("\n".join(corpus(400)))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   byte_fallback=True, minloglevel=2)
+    (d / "corpus.txt").unlink()
+    (d / "tokenizer.vocab").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": False, "model_max_length": 2048,
+        "padding_side": "right"}))
+    return d

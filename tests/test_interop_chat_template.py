@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from vistune.interop.chat_template import guess_template_name, jinja_chat_template, tokenizer_adds_bos
+from vistune.interop.chat_template import bos_in_template, guess_template_name, jinja_chat_template, tokenizer_adds_bos
 from vistune.text.templates import TEMPLATES, render
 
 CONVERSATIONS = [
@@ -84,3 +84,19 @@ def test_guess_template_name(source, name):
 
 def test_guess_reads_vistunes_own_tag(tokenizer):
     assert guess_template_name(jinja_chat_template("mpt", tokenizer)) == "mpt"
+
+
+def test_bos_left_to_the_processor_for_sentencepiece_llama(tmp_path):
+    from transformers import AutoTokenizer
+
+    from interop_helpers import sentencepiece_llama_tokenizer
+    from vistune.text.templates import get_template
+
+    sp = AutoTokenizer.from_pretrained(str(sentencepiece_llama_tokenizer(tmp_path)))
+    # "<s>A chat" as text loses the "\u2581" SentencePiece puts before "A" when it adds BOS itself.
+    assert tokenizer_adds_bos(sp) and not bos_in_template(get_template("vicuna_v1"), sp)
+    msgs = hf_messages(CONVERSATIONS[1], parts=True)
+    text = sp.apply_chat_template(msgs, chat_template=jinja_chat_template("vicuna_v1", sp), tokenize=False,
+                                  add_generation_prompt=True)
+    assert text == render("vicuna_v1", CONVERSATIONS[1], add_generation_prompt=True, eos=sp.eos_token,
+                          bos=sp.bos_token).text

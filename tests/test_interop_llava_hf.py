@@ -18,7 +18,7 @@ from conftest import make_model, noise_image
 from interop_helpers import greedy, pixels_for, prompt, vistune_logits
 from vistune.data.images import preprocess
 from vistune.interop import InteropError, export_checkpoint, import_checkpoint, load_foreign
-from vistune.interop.llava_hf import export_llava_hf, import_llava_hf
+from vistune.interop.llava_hf import export_llava_hf
 from vistune.model.checkpoint import save_model
 from vistune.model.tiny import tiny_text_config, tiny_vision_config
 from vistune.text.templates import render

@@ -16,6 +16,7 @@ from interop_helpers import (
     pixels_for,
     prompt,
     save_tower,
+    sentencepiece_llama_tokenizer,
     vistune_logits,
     write_original_llava,
 )
@@ -122,10 +123,16 @@ def test_lora_folder_merges_to_same_logits(tokenizer, tmp_path, adapter_format):
                                      task_type="CAUSAL_LM"))
     out = tmp_path / "llava-v1.5-tiny-lora"
     lora.save_pretrained(str(out))
-    if adapter_format == "bin":
+    if adapter_format == "bin":  # as LLaVA's 2023 releases: .bin adapter, config from an old peft
         f = out / "adapter_model.safetensors"
         torch.save(load_file(str(f)), out / "adapter_model.bin")
         f.unlink()
+        old = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({
+            "base_model_name_or_path": "lmsys/vicuna-13b-v1.5", "bias": "none", "enable_lora": None,
+            "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 8, "lora_dropout": 0.05,
+            "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 4,
+            "target_modules": sorted(old["target_modules"]), "task_type": "CAUSAL_LM"}))
     torch.manual_seed(4)
     projector = build_projector("mlp2x_gelu", 32, 64)  # trained beside the adapter: not the base's
     torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in projector.state_dict().items()},
@@ -206,3 +213,55 @@ def test_clear_errors(tokenizer, tmp_path):
                                                  "mm_patch_merge_type": "spatial_unpad"}))
     with pytest.raises(InteropError, match="LLaVA-NeXT"):
         load_foreign(src, vision_tower=tmp_path)
+
+
+def test_released_layout_with_sentencepiece_tokenizer_end_to_end(tokenizer, tmp_path):
+    """LLaVA v1.5 as released: .bin shards, tokenizer.model only, no <image>; import, train-style
+    encoding, export, and transformers' processor gives vistune's ids and logits."""
+    import shutil
+
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from vistune.interop.llava_hf import export_llava_hf
+    from vistune.text.encode import encode_conversation
+    from vistune.text.templates import render
+
+    sp_dir = sentencepiece_llama_tokenizer(tmp_path / "sp")
+    sp = AutoTokenizer.from_pretrained(str(sp_dir))
+    ref, _ = make_model(tokenizer)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(sp), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    src = write_original_llava(VisionLanguageModel(ref.config, ref.vision, lm, ref.projector), sp,
+                               tmp_path / "llava-v1.5-tiny")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / f).unlink(missing_ok=True)
+    shutil.copy(sp_dir / "tokenizer.model", src)
+    shutil.copy(sp_dir / "tokenizer_config.json", src)
+
+    imported = load_foreign(src, vision_tower=save_tower(ref, tmp_path / "clip"))
+    model, tok = imported.model, imported.tokenizer
+    assert model.image_token_id == len(sp) and tok.pad_token_id == len(sp) + 1
+    turns = [{"from": "human", "value": "<image>\nwhat color is the circle"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "and the square"}, {"from": "gpt", "value": "blue square"}]
+    enc = encode_conversation(tok, "vicuna_v1", turns, image_token_id=model.image_token_id, num_image_tokens=16)
+    supervised = tok.decode([t for t in enc.labels if t != -100])
+    assert "".join(supervised.split()) == "red</s>bluesquare</s>"  # replies + stops, nothing else
+
+    out = export_llava_hf(model, tok, tmp_path / "hf")
+    proc = AutoProcessor.from_pretrained(str(out))
+    image = noise_image(2, (40, 30))
+    convo = [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "what color is the circle"}]},
+             {"role": "assistant", "content": "red"}, {"role": "user", "content": "and the square"}]
+    # SentencePiece drops the "▁" after a literal "<s>", so the template leaves BOS to the processor.
+    rendered = render("vicuna_v1", turns[:3], add_generation_prompt=True, eos=tok.eos_token, bos=tok.bos_token).text
+    assert proc.apply_chat_template(convo, add_generation_prompt=True, tokenize=False) == rendered
+    got = proc.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
+    ids = prompt(model, tok, turns=turns[:3])
+    assert got["input_ids"].tolist() == ids.tolist()
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**got).logits, vistune_logits(model, ids, pixels_for(model, image)),
+                                   atol=1e-5, rtol=0)

@@ -8,10 +8,12 @@ id always points into the matrix.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .. import __version__
 from ..data.images import ImageConfig
@@ -43,6 +45,20 @@ class Imported:
     tokenizer: PreTrainedTokenizerBase
     kind: str
     notes: list[str] = field(default_factory=list)
+
+
+def read_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint directory, as it is (specials are added by `assemble`)."""
+    # AutoTokenizer also reads config.json, and warns about LLaVA's model_type it does not know.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not getattr(tok, "is_fast", False):
+        raise InteropError(f"{path}: tokenizer is not a fast tokenizer (vistune needs character offsets)")
+    return tok
 
 
 def grow_vocabulary(lm: PreTrainedModel, size: int) -> int:

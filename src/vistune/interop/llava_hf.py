@@ -26,7 +26,6 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LlavaConfig,
     LlavaImageProcessorPil,
@@ -42,7 +41,7 @@ from ..model.checkpoint import atomic_directory, write_json
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
 from ..text.templates import get_template
-from .assemble import Imported, Settings, assemble
+from .assemble import Imported, Settings, assemble, read_tokenizer
 from .chat_template import guess_template_name, jinja_chat_template
 from .weights import InteropError, StateDict, load_exact, read_checkpoint, tied_names, write_weights
 
@@ -143,13 +142,6 @@ def _read_processor_settings(src: Path) -> dict:
     return {}
 
 
-def read_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if not getattr(tok, "is_fast", False):
-        raise InteropError(f"{path}: tokenizer is not a fast tokenizer (vistune needs character offsets)")
-    return tok
-
-
 # -- import ---------------------------------------------------------------------
 def _resolve(candidates: list[str], targets: set[str]) -> str | None:
     return next((c for c in candidates if c in targets), None)
@@ -232,7 +224,10 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
         raise InteropError(f"{src / 'config.json'}: vision_feature_layer {cfg.vision_feature_layer} (several "
                            "layers concatenated) is not supported; vistune takes one layer")
     meta_file = src / VISTUNE_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    except ValueError as e:
+        raise InteropError(f"{meta_file}: not valid JSON ({e}); delete it to import without vistune's settings") from None
     if meta is not None and meta.get("tie_word_embeddings"):
         cfg.text_config.tie_word_embeddings = True  # exported untied for transformers' sake; tie again
     vision_model, lm = empty_models(cfg.vision_config, cfg.text_config)

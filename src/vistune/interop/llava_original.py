@@ -28,9 +28,8 @@ from transformers.initialization import no_init_weights
 
 from ..model.build import image_config_for
 from ..model.vision import VisionTower, load_vision_model
-from .assemble import Imported, Settings, assemble
-from .llava_hf import read_tokenizer
-from .weights import InteropError, StateDict, load_exact, read_checkpoint, read_weights, weight_files
+from .assemble import Imported, Settings, assemble, read_tokenizer
+from .weights import InteropError, StateDict, load_exact, read_checkpoint, read_weights
 
 # LLaVA's class names -> the plain causal LM they extend.
 BASE_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
@@ -299,6 +298,3 @@ def import_llava_lora(src: str | os.PathLike, *, base=None, vision_tower=None, t
     model = assemble(settings, vision, lm, tok, proj, source=str(extra_file), notes=notes, dtype=dtype)
     return Imported(model, tok, "llava (LoRA merged)", notes)
 
-
-def has_llm_weights(d: Path) -> bool:
-    return bool(weight_files(d))

@@ -126,7 +126,7 @@ def pretrain_vision_encoder(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if progress:
-            progress(step, float(loss))
+            progress(step, loss.item())
     vision.eval()
     with atomic_directory(out_dir) as tmp:
         vision.save_pretrained(str(tmp))
@@ -172,7 +172,7 @@ def pretrain_language_model(
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         if progress:
-            progress(step, float(loss))
+            progress(step, loss.item())
     lm.eval()
     with atomic_directory(out_dir) as tmp:
         lm.save_pretrained(str(tmp))

@@ -148,7 +148,7 @@ def _capital(s: str) -> str:
 def conversation(ann: ImageAnnotation, rng: random.Random, short_ratio: float = 0.5) -> list[dict]:
     kinds = list(QUESTION_KINDS)
     rng.shuffle(kinds)
-    qas = [qa for k in kinds if (qa := ask(k, ann, rng)) is not None][: rng.randint(3, 5)]
+    qas = [qa for k in kinds if (qa := ask(k, ann, rng)) is not None][: rng.randint(4, 6)]
     turns: list[dict] = []
     for i, qa in enumerate(qas):
         if rng.random() < short_ratio:

@@ -7,22 +7,22 @@ ablations (full / no stage 1 / stage 1 only / text only) -> report.
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from ..data.records import write_records
 from ..infer.engine import Engine
-from ..instruct.annotations import load_annotations
 from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_records, short_answer_questions
-from ..instruct.synth import WorldConfig, make_world
+from ..instruct.synth import make_world
 from ..model.checkpoint import atomic_directory, load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -66,26 +66,18 @@ def _seed_all(seed: int) -> None:
 
 
 class _Phases:
-    """Times each phase and shows one progress bar per phase."""
+    """Times each phase and announces it, so every phase shows up in report.json."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    def __call__(self, name: str):
-        phases = self
-
-        class _Ctx:
-            def __enter__(self):
-                print(f"\n== {name}", flush=True)
-                self.t = time.perf_counter()
-                return self
-
-            def __exit__(self, *exc):
-                phases.timings[name] = round(time.perf_counter() - self.t, 1)
-                if exc[0] is None:
-                    print(f"   done in {phases.timings[name]:.1f} s", flush=True)
-
-        return _Ctx()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"\n== {name}", flush=True)
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        print(f"   done in {self.timings[name]:.1f} s", flush=True)
 
 
 def _bar(desc: str, total: int):
@@ -105,6 +97,11 @@ def _strip_images(turns: list[dict]) -> list[dict]:
 
 
 def _train(preset: str, overrides: dict, out_dir: Path):
+    if not (CONFIG_DIR / preset).exists():
+        raise FileNotFoundError(
+            f"demo preset {CONFIG_DIR / preset} not found: the demo runs its stages through the YAML "
+            "presets in the repository's configs/ folder (install from a checkout, e.g. `make demo`)"
+        )
     cfg = load_run_config(CONFIG_DIR / preset, {**overrides, "output_dir": str(out_dir)})
     return run(cfg)
 
@@ -176,18 +173,21 @@ def run_demo(cfg: DemoConfig) -> dict:
             variants += [("no_stage1", runs["no_stage1"].model_dir, False), ("stage1_only", s1.model_dir, False),
                          ("text_only", s2.model_dir, True)]
         bar = tqdm(total=len(questions) * len(variants), desc="answering", unit="q", leave=False)
+        engines: dict[Path, Engine] = {}
         for key, model_dir, blank in variants:
-            loaded = load(model_dir)
-            # The stage-1 model was trained on `plain`; it is asked with the chat template
-            # like the others (the question is whether alignment alone gives answers).
-            loaded.model.config.template = "v0"
-            engine = Engine(loaded)
+            if model_dir not in engines:
+                loaded = load(model_dir)
+                # The stage-1 model was trained on `plain`; it is asked with the chat template
+                # like the others (the question is whether alignment alone gives answers).
+                loaded.model.config.template = "v0"
+                engines[model_dir] = Engine(loaded)
+            engine = engines[model_dir]
             answers = answer_questions(engine, questions, held_root, blank=blank, progress=bar.update)
             g = grade(questions, answers)
             results[key] = {"accuracy": g.accuracy, "by_kind": g.by_kind, "n": g.n}
             samples[key] = g.samples
         bar.close()
-        engine = Engine(load(s2.model_dir))
+        engine = engines[s2.model_dir]
         recall, recall_samples = object_recall(engine, held_anns[: cfg.recall_images], held_root)
 
     with phase("final model and report"):

@@ -1,10 +1,10 @@
 """The demo's outputs: report.md, report.json, loss.png, accuracy.png."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from ..eval.runner import write_json
 from ..train.metrics import read_metrics
 
 LABELS = {"full": "full pipeline", "no_stage1": "no stage 1", "stage1_only": "stage 1 only",
@@ -103,6 +103,6 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
 def write_report(out: Path, report: dict, runs: dict, samples: dict, recall_samples: list) -> None:
     plot_losses(runs, out / "loss.png")
     plot_accuracy(report, out / "accuracy.png")
-    _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     _atomic_text(out / "report.md", markdown(report, samples, recall_samples))
-    _atomic_text(out / "samples.json", json.dumps({"answers": samples, "descriptions": recall_samples}, indent=1))
+    write_json(out / "samples.json", {"answers": samples, "descriptions": recall_samples})

@@ -47,10 +47,15 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
+def _unique_by(boxes: list[Box], attribute: str) -> list[Box]:
+    """Boxes that are the only one with their value of ``attribute`` (so it names them)."""
+    values = [b.attributes[attribute] for b in boxes]
+    return [b for b in boxes if values.count(b.attributes[attribute]) == 1]
+
+
 # -- one question per kind --------------------------------------------------------
 def q_color(boxes: list[Box], ann: ImageAnnotation, rng: random.Random) -> QA | None:
-    shapes = [b.attributes["shape"] for b in boxes]
-    unique = [b for b in boxes if shapes.count(b.attributes["shape"]) == 1]
+    unique = _unique_by(boxes, "shape")
     if not unique:
         return None
     b = rng.choice(unique)
@@ -60,8 +65,7 @@ def q_color(boxes: list[Box], ann: ImageAnnotation, rng: random.Random) -> QA | 
 
 
 def q_shape(boxes: list[Box], ann: ImageAnnotation, rng: random.Random) -> QA | None:
-    colors = [b.attributes["color"] for b in boxes]
-    unique = [b for b in boxes if colors.count(b.attributes["color"]) == 1]
+    unique = _unique_by(boxes, "color")
     if not unique:
         return None
     b = rng.choice(unique)

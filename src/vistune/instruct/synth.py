@@ -7,7 +7,6 @@ can grade answers on held-out scenes.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -168,8 +167,3 @@ def make_world(out_dir: str | os.PathLike, n_images: int, seed: int, cfg: WorldC
         anns.append(ImageAnnotation(image_id, file, cfg.image_size, cfg.image_size, caps, boxes))
     save_annotations(anns, out / "annotations.json")
     return anns
-
-
-def centre_distance(a: Box, b: Box) -> float:
-    (ax, ay), (bx, by) = a.center, b.center
-    return math.hypot(ax - bx, ay - by)

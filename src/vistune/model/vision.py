@@ -64,15 +64,19 @@ class VisionTower(nn.Module):
         p = next(self.model.parameters())
         return torch.zeros(n, self.num_channels, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
 
+    def _raw_token_count(self) -> int:
+        """Tokens the encoder yields per image at the feature layer (one dummy forward, cached)."""
+        if not hasattr(self, "_raw_tokens"):
+            with torch.no_grad():
+                self._raw_tokens = int(self._hidden(self.dummy_pixels()).shape[1])
+        return self._raw_tokens
+
     @property
     def has_cls(self) -> bool:
         patch = getattr(self.model.config, "patch_size", None)
         if not patch:
             return False
-        n_patches = (self.image_size // int(patch)) ** 2
-        with torch.no_grad():
-            t = self._hidden(self.dummy_pixels()).shape[1]
-        return t == n_patches + 1
+        return self._raw_token_count() == (self.image_size // int(patch)) ** 2 + 1
 
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -86,16 +90,10 @@ class VisionTower(nn.Module):
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             p = next(self.model.parameters())
             hs = self._hidden(pixel_values.to(device=p.device, dtype=p.dtype))
-        if self.select == "patch" and self._cls:
+        if self.select == "patch" and self.has_cls:
             hs = hs[:, 1:]
         return hs
 
-    @property
-    def _cls(self) -> bool:
-        if not hasattr(self, "_has_cls_cache"):
-            self._has_cls_cache = self.has_cls
-        return self._has_cls_cache
-
     def num_tokens(self) -> int:
-        with torch.no_grad():
-            return int(self.forward(self.dummy_pixels()).shape[1])
+        """Visual tokens per image after the patch / cls_patch selection."""
+        return self._raw_token_count() - int(self.select == "patch" and self.has_cls)

@@ -11,7 +11,7 @@ special tokens, so `vicuna_v1` stops on `</s>` with a Llama tokenizer and on
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -253,7 +253,3 @@ def render(
     elif last_is_human:
         raise TemplateError("conversation ends with a human turn and has no reply to train on")
     return Rendered("".join(parts), spans)
-
-
-def with_system(template: Template, system: str) -> Template:
-    return replace(template, system=system)

@@ -10,8 +10,9 @@
 2. `vistune serve` in a subprocess, hit by 1 and then 8 concurrent OpenAI clients:
    completion tokens/s of the server.
 
-Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1,
-concurrent8_over_1, plus the raw figures) and prints a table.
+Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1 end to end,
+decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1, plus the raw
+figures, among them vistune's first-step and per-decode-step times) and prints a table.
 """
 from __future__ import annotations
 
@@ -154,16 +155,33 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
                 return hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                    suppress_tokens=suppress)
 
-        t_hf, t_vt, hf_out, vt_out = time_pair(run_hf, lambda: engine.generate(encoded, cfg), repeats)
+        firsts: list[float] = []
+
+        def run_vistune():
+            # engine.generate, with the first step (vision tower + prefill + first token) timed apart.
+            run = engine.start(encoded, cfg)
+            steps = iter(run)
+            t0 = time.perf_counter()
+            next(steps)
+            firsts.append(time.perf_counter() - t0)
+            for _ in steps:
+                pass
+            return run.completions
+
+        t_hf, t_vt, hf_out, vt_out = time_pair(run_hf, run_vistune, repeats)
         hf_texts = [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
                     for row in hf_out]
         agree = sum(a == c.text for a, c in zip(hf_texts, vt_out))
         n_hf = int(((hf_out[:, inputs["input_ids"].shape[1]:] != tok.pad_token_id)).sum())
         n_vt = sum(c.completion_tokens for c in vt_out)
+        first = statistics.median(firsts[1:])  # without the warm-up
+        decode_steps = max(c.completion_tokens for c in vt_out) - 1
         out[f"batch{bs}"] = {
             "hf_tokens_per_s": n_hf / t_hf, "vistune_tokens_per_s": n_vt / t_vt,
             "hf_seconds": t_hf, "vistune_seconds": t_vt, "hf_tokens": n_hf, "vistune_tokens": n_vt,
             "texts_equal": f"{agree}/{bs}",
+            "vistune_first_step_ms": first * 1e3, "vistune_decode_steps": decode_steps,
+            "vistune_decode_step_ms": (t_vt - first) / decode_steps * 1e3,
         }
     return out
 
@@ -270,6 +288,8 @@ def main() -> None:
             "hf_ratio_batch1": b1["vistune_tokens_per_s"] / b1["hf_tokens_per_s"],
             "hf_ratio_batch8": b8["vistune_tokens_per_s"] / b8["hf_tokens_per_s"],
             "batch8_over_batch1": b8["vistune_tokens_per_s"] / b1["vistune_tokens_per_s"],
+            # Decode steps only (prefill excluded): what batching buys once the prompts are in the cache.
+            "decode_batch8_over_batch1": 8 * b1["vistune_decode_step_ms"] / b8["vistune_decode_step_ms"],
             "engine": res,
         })
         rows += [
@@ -290,6 +310,13 @@ def main() -> None:
     print(f"\n{'case':<20} {'throughput':<14} {'baseline':<20} {'ratio':<48} same text as HF")
     for r in rows:
         print(f"{r[0]:<20} {r[1]:<14} {r[2]:<20} {r[3]:<48} {r[4]}")
+    if "engine" in result:
+        print("\nvistune time per batch = first step (vision + prefill + token 1) + later decode steps:")
+        for bs in (1, 8):
+            b = result["engine"][f"batch{bs}"]
+            print(f"  batch {bs}: {b['vistune_first_step_ms']:.1f} ms + {b['vistune_decode_steps']} x "
+                  f"{b['vistune_decode_step_ms']:.2f} ms")
+        print(f"  decode steps alone: batch 8 = {result['decode_batch8_over_batch1']:.2f}x batch 1 throughput")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -77,6 +77,16 @@ def test_dynamic_cache_gives_the_same_tokens(engine):
     assert other.generate(prompts, cfg) == engine.generate(prompts, cfg)
 
 
+def test_eager_attention_gets_the_same_tokens(engine, tokenizer):
+    # Eager attention adds its mask, so it is fed the 2-D padding mask rather than SDPA's boolean 4-D view.
+    model, tok = make_model(tokenizer)
+    model.language_model.set_attn_implementation("eager")
+    eager = Engine(LoadedModel(model, tok))
+    assert engine._mask_4d and not eager._mask_4d
+    prompts, cfg = mixed_prompts(), GenerationConfig(max_new_tokens=10)
+    assert eager.generate(prompts, cfg) == engine.generate(prompts, cfg)
+
+
 def test_stream_adds_up_to_generate(engine):
     for p in mixed_prompts()[:3]:
         cfg = GenerationConfig(max_new_tokens=16)

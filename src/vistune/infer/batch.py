@@ -50,7 +50,7 @@ class _State:
     """Tensors of the rows being decoded, in the order of `BatchRun._active`."""
 
     cache: object
-    mask: torch.Tensor | None  # (B, capacity) 1 = real token; None while no row is padded
+    mask: torch.Tensor | None  # (B, capacity) bool, True = real token; None while no row is padded
     length: int  # tokens in the cache (padding included)
     pos: torch.Tensor  # (B, 1) position of each row's last token
     history: torch.Tensor | None  # (B, T) tokens seen, for the repetition penalty
@@ -134,10 +134,10 @@ class BatchRun:
         capacity = width + max(r.max_new for r in rows)
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.ones((len(rows), capacity), dtype=torch.long)
+        mask = torch.ones((len(rows), capacity), dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, width - lengths[i]:] = torch.tensor(r.prompt.input_ids)
-            mask[i, : width - lengths[i]] = 0
+            mask[i, : width - lengths[i]] = False
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != width
         # Positions count real tokens only: each row sees the positions it would see alone.
@@ -151,7 +151,7 @@ class BatchRun:
         history = None
         if self._penalised:
             first_real = ids.gather(1, (width - torch.tensor(lengths, device=dev))[:, None])
-            history = torch.where(mask[:, :width].bool(), ids, first_real)
+            history = torch.where(mask[:, :width], ids, first_real)
         state = _State(out.past_key_values, mask if padded else None, width, pos[:, -1:], history)
         return state, out.logits[:, -1]
 
@@ -162,7 +162,13 @@ class BatchRun:
             return None
         st.pos = st.pos + 1
         ids = torch.tensor(self._next, device=eng.device).unsqueeze(1)
-        mask = st.mask[:, : st.length + 1] if st.mask is not None else None
+        mask = None
+        if st.mask is not None:
+            mask = st.mask[:, : st.length + 1]
+            if eng._mask_4d and isinstance(st.cache.layers[0], PreallocatedLayer):
+                # Full attention in every layer: a ready (B, 1, 1, L) view spares transformers
+                # rebuilding the same padding mask at every step.
+                mask = mask[:, None, None]
         out = eng.lm(input_ids=ids, attention_mask=mask, position_ids=st.pos,
                      **{eng._cache_kw: st.cache}, use_cache=True, logits_to_keep=1)
         st.length += 1
@@ -223,10 +229,10 @@ class BatchRun:
                 setattr(lo, name, merged)
             lo.capacity, lo.length = capacity, length
             lo.keys, lo.values = lo._k[:, :, :length], lo._v[:, :, :length]
-        mask = torch.ones((b_old + b_new, capacity), dtype=torch.long, device=dev)
-        mask[:, :length] = 0
-        mask[:b_old, length - old.length:length] = old.mask[:, :old.length] if old.mask is not None else 1
-        mask[b_old:, length - new.length:length] = new.mask[:, :new.length] if new.mask is not None else 1
+        mask = torch.ones((b_old + b_new, capacity), dtype=torch.bool, device=dev)
+        mask[:, :length] = False
+        mask[:b_old, length - old.length:length] = old.mask[:, :old.length] if old.mask is not None else True
+        mask[b_old:, length - new.length:length] = new.mask[:, :new.length] if new.mask is not None else True
         old.mask, old.length = mask, length
         old.pos = torch.cat([old.pos, new.pos])
         if old.history is not None:
@@ -238,7 +244,7 @@ class BatchRun:
     def _choose(self, logits: torch.Tensor) -> list[int]:
         eng, st = self.engine, self._state
         if eng._suppress:
-            logits = logits.index_fill(1, eng._suppress_t, float("-inf"))
+            logits.index_fill_(1, eng._suppress_t, float("-inf"))  # the step's own tensor: no copy
         if st.history is not None:
             penalty = torch.tensor([[r.params.repetition_penalty] for r in self._active],
                                    device=logits.device, dtype=logits.dtype)

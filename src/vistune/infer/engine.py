@@ -60,6 +60,9 @@ class Engine:
         self._suppress_t = torch.tensor(self._suppress, device=self.device, dtype=torch.long)
         self._special_ids = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
         self._cache_kw = self.model._cache_arg()
+        # SDPA takes a boolean (B, 1, 1, L) padding mask as it is; eager attention adds the mask, so it
+        # gets the 2-D mask and transformers' own conversion.
+        self._mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
 

@@ -86,13 +86,16 @@ def test_bf16_runs_store_bf16_features_and_train_on_the_same_numbers(tiny_data, 
                                                                      monkeypatch):
     from vistune.train import features
 
+    def config(name):
+        return tiny_config(tiny_data, tmp_path / name, {"model": {"from": str(base_model_dir)}, "train.max_steps": 3,
+                                                        "train.precision": "bf16",
+                                                        "data.feature_cache": str(tmp_path / f"fc-{name}")}, stage=1)
+
     def run_cached(name):
-        cfg = tiny_config(tiny_data, tmp_path / name, {"model": {"from": str(base_model_dir)}, "train.max_steps": 3,
-                                                       "train.precision": "bf16",
-                                                       "data.feature_cache": str(tmp_path / f"fc-{name}")}, stage=1)
-        return run(cfg), read_index(tmp_path / f"fc-{name}")
+        return run(config(name)), read_index(tmp_path / f"fc-{name}")
 
     half, half_index = run_cached("bf16")
+    assert cache_features_for_config(config("bf16"))["reused"]  # `vistune cache-features` builds what runs read
     assert half_index["dtype"] == "bfloat16" and half_index["fingerprint"]["features_dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "fc-bf16" / half_index["records"]["0"]), "pt") as f:
         assert f.get_tensor("r0").dtype == torch.bfloat16

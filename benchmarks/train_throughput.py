@@ -16,10 +16,16 @@ system in a fresh subprocess: what its training steps add on top of the built mo
 
     python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.{json,md}
     python benchmarks/train_throughput.py --quick    # fewer steps
+    python benchmarks/train_throughput.py --threads 1   # torch threads (default: torch's own choice)
+
+The stage-1 systems also report where their step goes (median seconds of data loading,
+i.e. dataset items + collate, and of the model step: forward, backward, AdamW), so the
+ratio can be read against what the cache can remove at most: image loading and the tower.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -36,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vistune.data.collate import PadCollator  # noqa: E402
-from vistune.data.images import preprocess  # noqa: E402
 from vistune.model.build import build_vlm  # noqa: E402
 from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E402
 from vistune.text.encode import encode_conversation  # noqa: E402
@@ -144,23 +149,27 @@ class System:
     def __init__(self, name, step, batches, tokens):
         self.name, self.step, self.batches, self.tokens = name, step, batches, tokens
         self.times: list[float] = []
+        self.parts: dict[str, list[float]] = {}  # optional split of a step, filled by the step function
         self.i = 0
 
     def run_one(self, record: bool) -> None:
         b = self.batches[self.i % len(self.batches)]
         self.i += 1
         t0 = time.perf_counter()
-        self.step(b)
+        parts = self.step(b)
         dt = time.perf_counter() - t0
         if record:
             self.times.append(dt)
+            for k, v in (parts or {}).items():
+                self.parts.setdefault(k, []).append(v)
 
     def summary(self) -> dict:
         med = statistics.median(self.times)
         tokens = statistics.mean(self.tokens)
         return {"step_s_median": round(med, 4), "tokens_per_step": round(tokens, 1),
                 "tokens_per_s": round(tokens / med, 1), "samples_per_s": round(BATCH / med, 2),
-                "steps_timed": len(self.times)}
+                "steps_timed": len(self.times),
+                **{f"{k}_s_median": round(statistics.median(v), 4) for k, v in self.parts.items()}}
 
 
 def vistune_step(model, opt, autocast):
@@ -194,14 +203,13 @@ def real_tokens(samples) -> int:
 
 
 # -- stage 1 through the real data path: images on disk vs the feature cache ------------------
-def stage1_systems(model, tok, workdir: Path, n_batches: int, autocast):
+def stage1_systems(model, tok, workdir: Path, n_batches: int, autocast, bf16: bool = False):
     from PIL import Image
-    from torch.utils.data import DataLoader
 
     from vistune.data.dataset import VLDataset, text_settings_for
     from vistune.data.records import write_records
     from vistune.train.batches import TrainCollator
-    from vistune.train.features import FeatureCache, FeatureDataset, ensure_cache
+    from vistune.train.features import FeatureCache, FeatureDataset, ensure_cache, storage_dtype
 
     rng = random.Random(1)
     img_dir = workdir / "images"
@@ -215,33 +223,39 @@ def stage1_systems(model, tok, workdir: Path, n_batches: int, autocast):
     data = workdir / "stage1.jsonl"
     write_records(recs, data)
     text = text_settings_for(model.config, tok, template="plain")
-    ensure_cache(model, data, img_dir, workdir / "fc", progress=False)
+    # the cache a training run at this precision builds (bf16 runs store bf16 features)
+    ensure_cache(model, data, img_dir, workdir / "fc", progress=False,
+                 dtype=storage_dtype(model, "bf16" if bf16 else "no"))
     pix_ds = VLDataset(data, text, img_dir, model.config.image)
     feat_ds = FeatureDataset(pix_ds.records, text, FeatureCache(workdir / "fc"), model.config.image)
     collate = TrainCollator(tok.pad_token_id)
     opt = set_stage(model, 1)
     step = vistune_step(model, opt, autocast)
 
-    def from_loader(ds):
-        batches = [list(range(k * BATCH, (k + 1) * BATCH)) for k in range(n_batches)]
-        loader = DataLoader(ds, batch_size=None, sampler=batches, collate_fn=lambda idx: collate([ds[i] for i in idx]))
+    batches = [list(range(k * BATCH, (k + 1) * BATCH)) for k in range(n_batches)]
 
+    def runner(ds):
+        # what the training loop's DataLoader does with data.num_workers=0 (the default), inline
         def run(k):
+            t0 = time.perf_counter()
             batch = collate([ds[i] for i in batches[k % n_batches]])
+            t1 = time.perf_counter()
             step(model_batch(batch))
-        return run, loader
+            return {"data": t1 - t0, "model": time.perf_counter() - t1}
+        return run
 
-    tokens = [real_tokens([pix_ds[i] for i in range(k * BATCH, (k + 1) * BATCH)]) for k in range(n_batches)]
-    run_pix, _ = from_loader(pix_ds)
-    run_feat, _ = from_loader(feat_ds)
-    return (System("stage1_pixels", run_pix, list(range(n_batches)), tokens),
-            System("stage1_feature_cache", run_feat, list(range(n_batches)), tokens))
+    tokens = [real_tokens([pix_ds[i] for i in b]) for b in batches]
+    return (System("stage1_pixels", runner(pix_ds), list(range(n_batches)), tokens),
+            System("stage1_feature_cache", runner(feat_ds), list(range(n_batches)), tokens))
 
 
 def build_systems(n_batches: int, bf16: bool, workdir: Path, only: str | None = None):
     tok = make_tokenizer()
     model, tok = make_model(tok)
     twin = llava_twin(model)
+    # Stage 1 freezes the LLM: it gets its own copy, or the stage-2 systems, timed in the
+    # same rounds, would run with a frozen LLM too (no LLM weight gradients, no AdamW on it).
+    model_s1 = copy.deepcopy(model)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
     batches = [make_samples(model, tok, BATCH, seed=k) for k in range(n_batches)]
     padded = [model_batch(PadCollator(tok.pad_token_id)(b)) for b in batches]
@@ -270,8 +284,13 @@ def build_systems(n_batches: int, bf16: bool, workdir: Path, only: str | None = 
         systems["vistune_packed"] = System("vistune_packed", vistune_step(model, opt, autocast), packed, tokens)
         systems["llava_padded"] = System("llava_padded", llava_step(twin, opt_twin, autocast), padded, tokens)
     if want("stage1_pixels") or want("stage1_feature_cache"):
-        s_pix, s_feat = stage1_systems(model, tok, workdir, n_batches, autocast)
+        s_pix, s_feat = stage1_systems(model_s1, tok, workdir, n_batches, autocast, bf16)
         systems[s_pix.name], systems[s_feat.name] = s_pix, s_feat
+    # each stage times what it claims: stage 2 trains the LLM, stage 1 leaves it frozen
+    if "vistune_padded" in systems:
+        assert all(p.requires_grad for p in model.language_model.parameters())
+    if "stage1_pixels" in systems:
+        assert not any(p.requires_grad for p in model_s1.language_model.parameters())
     shapes = {"padded_shape": list(padded[0]["input_ids"].shape), "packed_shape": list(packed[0]["input_ids"].shape),
               "pad_fraction": round(1 - sum(tokens) / sum(p["input_ids"].numel() for p in padded), 3),
               "sample_lengths": [len(s["input_ids"]) for s in batches[0]]}
@@ -321,6 +340,8 @@ def peak_memory(name: str, args) -> float | None:
     cmd = [sys.executable, __file__, "--only", name, "--steps", "3", "--batches", "2"]
     if args.bf16:
         cmd.append("--bf16")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         print(p.stderr[-2000:], file=sys.stderr)
@@ -336,8 +357,11 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-system peak-memory subprocesses")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.warmup = 3, 1
     torch.manual_seed(0)
@@ -376,7 +400,8 @@ def main() -> int:
         "packed_ratio": ratio("vistune_packed", "llava_padded"),
         "feature_cache_ratio": ratio("stage1_feature_cache", "stage1_pixels"),
         "targets": {"padded_ratio": 1.0, "packed_ratio": 1.5, "feature_cache_ratio": 1.5},
-        "command": "python benchmarks/train_throughput.py" + (" --bf16" if args.bf16 else ""),
+        "command": "python benchmarks/train_throughput.py" + (" --bf16" if args.bf16 else "")
+                   + (f" --threads {args.threads}" if args.threads else ""),
     }
     out["meets_targets"] = {k: out[k] >= v for k, v in out["targets"].items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -397,6 +422,10 @@ def render_table(out: dict) -> str:
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for k, v in out["targets"].items():
         lines.append(f"| {k} | {out[k]:.2f}x | >= {v}x {'(met)' if out['meets_targets'][k] else '(not met)'} |")
+    split = {n: r for n, r in out["systems"].items() if "data_s_median" in r}
+    if split:
+        lines += ["", "| stage-1 step split (median s) | data loading | model step |", "|---|---|---|"]
+        lines += [f"| {n} | {r['data_s_median']:.4f} | {r['model_s_median']:.4f} |" for n, r in split.items()]
     b = out["batches"]
     lines += ["", f"Padded batch {b['padded_shape']} ({b['pad_fraction']:.0%} padding), packed {b['packed_shape']}; "
               f"sample lengths {b['sample_lengths']}.", ""]

@@ -3,11 +3,14 @@ import os
 import shutil
 
 import pytest
+import torch
+from conftest import make_model
+from safetensors import safe_open
 
 from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noqa: F401
 from vistune.model.checkpoint import load_model
 from vistune.train import run
-from vistune.train.features import FeatureCache, cache_features_for_config, ensure_cache, read_index
+from vistune.train.features import FeatureCache, cache_features_for_config, ensure_cache, read_index, storage_dtype
 
 
 def losses(r):
@@ -77,3 +80,37 @@ def test_cache_features_command_and_bad_images(tiny_data, base_model_dir, tmp_pa
     r = run(cfg)  # reuses the cache; the bad record is skipped by id
     assert [b["id"] for b in r.bad_records] == ["gone"]
     assert cache_features_for_config(cfg)["reused"]
+
+
+def test_bf16_runs_store_bf16_features_and_train_on_the_same_numbers(tiny_data, base_model_dir, tmp_path,
+                                                                     monkeypatch):
+    from vistune.train import features
+
+    def config(name):
+        return tiny_config(tiny_data, tmp_path / name, {"model": {"from": str(base_model_dir)}, "train.max_steps": 3,
+                                                        "train.precision": "bf16",
+                                                        "data.feature_cache": str(tmp_path / f"fc-{name}")}, stage=1)
+
+    def run_cached(name):
+        return run(config(name)), read_index(tmp_path / f"fc-{name}")
+
+    half, half_index = run_cached("bf16")
+    assert cache_features_for_config(config("bf16"))["reused"]  # `vistune cache-features` builds what runs read
+    assert half_index["dtype"] == "bfloat16" and half_index["fingerprint"]["features_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "fc-bf16" / half_index["records"]["0"]), "pt") as f:
+        assert f.get_tensor("r0").dtype == torch.bfloat16
+    monkeypatch.setattr(features, "storage_dtype", lambda model, mp: None)  # the fp32 cache of before
+    full, full_index = run_cached("fp32")
+    assert full_index["dtype"] == "float32" and "features_dtype" not in full_index["fingerprint"]
+    # the projector's first Linear rounds to bf16 under autocast either way: the very same run
+    assert losses(half) == losses(full)
+
+
+def test_storage_dtype_only_rounds_what_a_linear_would_round(tokenizer):
+    model, _ = make_model(tokenizer)  # mlp2x_gelu: Linear first
+    assert storage_dtype(model, "bf16") == torch.bfloat16 and storage_dtype(model, "fp16") == torch.float16
+    assert storage_dtype(model, "no") is None  # fp32 runs keep fp32 features
+    model.projector = torch.nn.Linear(32, 64)
+    assert storage_dtype(model, "bf16") == torch.bfloat16
+    model.projector = torch.nn.Identity()  # features go straight into the LLM: not rounded
+    assert storage_dtype(model, "bf16") is None

@@ -10,6 +10,10 @@ The fingerprint covers the tower's weights and feature settings, the image setti
 the data file's content and every referenced image's size and modification time;
 any change rebuilds the cache (the log says which part changed). The cache is written
 to a temporary directory and renamed, so an interrupted build leaves no half cache.
+
+Runs under bf16 / fp16 autocast store the features in that dtype (half the disk and
+reads of fp32): the projector's first Linear casts its input to it anyway, so training
+sees the very same numbers (see ``storage_dtype``).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def _hash_file(path: Path) -> str:
 
 
 def fingerprint(model: VisionLanguageModel, data_file: str | os.PathLike, image_dir: str | os.PathLike | None,
-                records: RecordFile) -> dict:
+                records: RecordFile, dtype: torch.dtype | None = None) -> dict:
     """What the cached features depend on, part by part."""
     tower = model.vision
     images = hashlib.sha256()
@@ -72,13 +76,32 @@ def fingerprint(model: VisionLanguageModel, data_file: str | os.PathLike, image_
                 images.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
                 images.update(f"{name}\0missing\n".encode())
-    return {
+    fp = {
         "encoder": _hash_tensors(tower.model),
         "feature_settings": f"layer={tower.feature_layer} select={tower.select}",
         "image_settings": json.dumps(model.config.image.to_dict(), sort_keys=True),
         "data": _hash_file(Path(data_file)),
         "images": images.hexdigest(),
     }
+    if dtype is not None:  # absent for features kept as computed: caches built before stay valid
+        fp["features_dtype"] = str(dtype).removeprefix("torch.")
+    return fp
+
+
+def storage_dtype(model: VisionLanguageModel, mixed_precision: str) -> torch.dtype | None:
+    """The dtype to store features in for a run at ``mixed_precision`` ("no", "bf16", "fp16").
+
+    Under autocast, the projector's first Linear rounds its input to the autocast dtype
+    before anything else reads it, so storing features already rounded changes no
+    number of the run. Other projectors (identity) feed the LLM directly: kept as
+    computed (None).
+    """
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    proj = model.projector
+    first = proj[0] if isinstance(proj, torch.nn.Sequential) and len(proj) else proj
+    if low is None or not isinstance(first, torch.nn.Linear):
+        return None
+    return low
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -147,8 +170,11 @@ class FeatureDataset(VLDataset):
 # -- building ----------------------------------------------------------------------------
 def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str | os.PathLike | None,
                 out: str | os.PathLike, fp: dict, *, batch_images: int = 32, shard_records: int = 4096,
-                progress: bool = True) -> Path:
-    """Run the tower over every image of ``records``; write shards + index atomically."""
+                progress: bool = True, dtype: torch.dtype | None = None) -> Path:
+    """Run the tower over every image of ``records``; write shards + index atomically.
+
+    ``dtype``: store the features in it (None: as the tower computes them).
+    """
     out = Path(out)
     tower = model.vision
     tower_was_training = tower.training
@@ -156,7 +182,7 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
     device = next(tower.model.parameters()).device
     index = {"format": CACHE_FORMAT, "fingerprint": fp, "records": {}, "bad": {}, "num_records": len(records),
              "num_images": 0,
-             "num_tokens": None, "width": None}
+             "num_tokens": None, "width": None, "dtype": None}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -172,7 +198,8 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
                 return
             pix = torch.cat([torch.stack(p) for _, p in pending]).to(device)
             with torch.no_grad():
-                feats = tower(pix).cpu()
+                feats = tower(pix).to(device="cpu", dtype=dtype)
+            index["dtype"] = str(feats.dtype).removeprefix("torch.")
             at = 0
             for i, p in pending:
                 shard[f"r{i}"] = feats[at:at + len(p)].clone()
@@ -220,17 +247,20 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
 
 
 def ensure_cache(model: VisionLanguageModel, data_file: str | os.PathLike, image_dir: str | os.PathLike | None,
-                 out: str | os.PathLike, *, progress: bool = True) -> tuple[Path, bool]:
-    """Build the cache unless a valid one is there; returns (path, reused)."""
+                 out: str | os.PathLike, *, progress: bool = True, dtype: torch.dtype | None = None) -> tuple[Path, bool]:
+    """Build the cache unless a valid one is there; returns (path, reused).
+
+    ``dtype``: store the features in it (None: as the tower computes them); see ``storage_dtype``.
+    """
     records = RecordFile(data_file)
-    fp = fingerprint(model, data_file, image_dir, records)
+    fp = fingerprint(model, data_file, image_dir, records, dtype)
     old = read_index(out)
     if old is not None and old.get("format") == CACHE_FORMAT and old.get("fingerprint") == fp:
         return Path(out), True
     if old is not None:
         changed = [k for k in fp if old.get("fingerprint", {}).get(k) != fp[k]]
         log.info("feature cache %s is stale (%s changed): rebuilding", out, ", ".join(changed) or "format")
-    return build_cache(model, records, image_dir, out, fp, progress=progress), False
+    return build_cache(model, records, image_dir, out, fp, progress=progress, dtype=dtype), False
 
 
 def cache_path(cfg: RunConfig, out: str | os.PathLike | None = None) -> Path:
@@ -249,7 +279,8 @@ def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSetting
     path = cache_path(cfg)
     model.vision.to(acc.device)  # encode on the accelerator; prepare() moves the rest
     if acc.is_main_process:
-        _, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress)
+        _, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress,
+                                 dtype=storage_dtype(model, acc.mixed_precision))
         log.info("feature cache: %s (%s)", path, "reused" if reused else "built")
     acc.wait_for_everyone()
     return FeatureDataset(RecordFile(cfg.data.train), text, FeatureCache(path), model.config.image)
@@ -257,6 +288,7 @@ def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSetting
 
 def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = None) -> dict:
     """`vistune cache-features`: build (or confirm) the cache for a training config."""
+    from .loop import mixed_precision
     from .stages import build_model
 
     if not cfg.data.train:
@@ -268,7 +300,10 @@ def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = No
     if torch.cuda.is_available():
         model.vision.to("cuda")
     path = cache_path(cfg, out)
-    path, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress)
+    # the dtype the training run will want, or it would rebuild this cache
+    dtype = storage_dtype(model, mixed_precision(cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu"))
+    path, reused = ensure_cache(model, cfg.data.train, cfg.data.images, path, progress=cfg.train.progress,
+                                dtype=dtype)
     index = read_index(path)
     return {"path": path, "reused": reused, "num_records": index["num_records"],
             "num_images": index["num_images"], "bad": index["bad"]}

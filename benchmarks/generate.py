@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import random
 import socket
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistune.files import write_json
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.model.build import build_vlm
 from vistune.model.checkpoint import LoadedModel, save_model
@@ -317,10 +317,7 @@ def main() -> None:
             print(f"  batch {bs}: {b['vistune_first_step_ms']:.1f} ms + {b['vistune_decode_steps']} x "
                   f"{b['vistune_decode_step_ms']:.2f} ms")
         print(f"  decode steps alone: batch 8 = {result['decode_batch8_over_batch1']:.2f}x batch 1 throughput")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_json(RESULTS, result)
     print(f"\nwrote {RESULTS}")
 
 

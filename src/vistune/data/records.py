@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..files import write_json, write_jsonl
 from ..text.templates import ASSISTANT_ROLES, HUMAN_ROLES, IMAGE_PLACEHOLDER
 
 
@@ -175,14 +176,8 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 
 def write_records(records: Sequence[Record | dict], path: str | os.PathLike) -> None:
     """Write records as JSONL (``.jsonl``) or a JSON list (anything else), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     objs = [r.to_json() if isinstance(r, Record) else r for r in records]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for o in objs:
-                f.write(json.dumps(o, ensure_ascii=False) + "\n")
-        else:
-            json.dump(objs, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    if Path(path).suffix == ".jsonl":
+        write_jsonl(path, objs)
+    else:
+        write_json(path, objs, indent=1)

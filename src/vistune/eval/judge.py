@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from ..files import JsonlAppender, write_jsonl
 from ..instruct.annotations import ImageAnnotation, symbolic_context
 from .questions import load_questions, query_for
 from .report import markdown_table, write_report
@@ -154,11 +155,7 @@ class JudgeCache:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in self._rows.values():
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, self._rows.values())
 
     def get(self, qid: str, role: str, key: str) -> str | None:
         row = self._rows.get((qid, role))
@@ -168,10 +165,8 @@ class JudgeCache:
         row = {"question_id": qid, "role": role, "request": key, "model": model, "content": content}
         with self._lock:
             self._rows[(qid, role)] = row
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            with JsonlAppender(self.path) as log:
+                log.append([row])
 
 
 def request_key(request: dict) -> str:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .runner import write_json
+from ..files import atomic_path, atomic_write_text, write_json
 
 METRICS = "metrics.json"
 # Bumped when a key of metrics.json changes meaning or goes away (docs/eval.md).
@@ -78,12 +78,10 @@ def bar_chart(
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def write_report(
@@ -120,10 +118,7 @@ def write_report(
         parts += [f"## By {group}", "", markdown_table([group, *keys, "count"], rows), ""]
     parts += [s.rstrip() + "\n" for s in sections]
     parts += [f"![{metrics['task']}]({chart.name})", ""]
-    md = out / REPORT
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, md)
+    md = atomic_write_text(out / REPORT, "\n".join(parts))
     write_json(out / METRICS, {"format_version": METRICS_FORMAT_VERSION, **metrics})
     return {"metrics": out / METRICS, "report": md, "chart": chart}
 

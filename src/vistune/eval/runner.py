@@ -18,6 +18,7 @@ from typing import Any, Iterable, Protocol, Sequence
 from tqdm.auto import tqdm
 
 from ..data.images import open_image
+from ..files import JsonlAppender, write_json, write_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
@@ -60,24 +61,6 @@ class RunSettings:
             raise EvalError(f"--limit must be at least 1, got {self.limit}")
         if self.max_new_tokens < 1:
             raise EvalError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> list[dict]:
@@ -185,11 +168,12 @@ def predict(
     if todo:
         config = generation_config(settings)
         bar = tqdm(total=len(queries), initial=len(done), desc=desc, unit="q", disable=not settings.progress)
-        with open(path, "a", encoding="utf-8") as f:
+        with JsonlAppender(path) as log:
             for start in range(0, len(todo), settings.batch_size):
                 batch = todo[start:start + settings.batch_size]
+                rows = []
                 for q, c in _generate(generator, batch, config):
-                    row = {
+                    done[q.id] = {
                         "question_id": q.id,
                         "prompt": q.text,
                         "text": c.text,
@@ -197,10 +181,8 @@ def predict(
                         "prompt_tokens": getattr(c, "prompt_tokens", None),
                         "completion_tokens": getattr(c, "completion_tokens", None),
                     }
-                    done[q.id] = row
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    rows.append(done[q.id])
+                log.append(rows)
                 bar.update(len(batch))
         bar.close()
     return {q.id: done[q.id] for q in queries}

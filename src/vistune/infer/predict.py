@@ -19,6 +19,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from ..data.images import ImageError, open_image, resolve_image_path
+from ..files import JsonlAppender
 from .engine import Engine, GenerationConfig, Prompt, PromptError
 
 
@@ -150,7 +151,7 @@ def predict_file(
     max_pixels = engine.loaded.image_config.max_pixels
     written = 0
     bar = tqdm(total=len(qs), initial=len(qs) - len(todo), desc="predict", unit="q", disable=not progress)
-    with open(out, "a", encoding="utf-8") as f:
+    with JsonlAppender(out) as log:
         for batch in _batches(todo, max(1, batch_size)):
             encoded = []
             for q in batch:
@@ -159,17 +160,11 @@ def predict_file(
                 except PromptError as e:
                     raise PredictError(f"question {q.question_id!r} (line {q.line}): {e}") from None
             completions = engine.generate(encoded, config)
-            lines = [
-                json.dumps({
-                    "question_id": q.question_id, "prompt": q.text, "text": c.text, "model": model_name,
-                    "metadata": {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                                 "completion_tokens": c.completion_tokens},
-                }, ensure_ascii=False) + "\n"
-                for q, c in zip(batch, completions)
-            ]
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            log.append({
+                "question_id": q.question_id, "prompt": q.text, "text": c.text, "model": model_name,
+                "metadata": {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                             "completion_tokens": c.completion_tokens},
+            } for q, c in zip(batch, completions))
             written += len(batch)
             bar.update(len(batch))
     bar.close()

@@ -18,6 +18,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import write_json
+
 ANNOTATIONS_VERSION = 1
 
 
@@ -107,8 +109,4 @@ def load_annotations(path: str | os.PathLike) -> list[ImageAnnotation]:
 
 
 def save_annotations(anns: list[ImageAnnotation], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": ANNOTATIONS_VERSION, "images": [a.to_dict() for a in anns]}, indent=1))
-    os.replace(tmp, path)
+    write_json(path, {"version": ANNOTATIONS_VERSION, "images": [a.to_dict() for a in anns]}, indent=1)

@@ -7,7 +7,6 @@ file with every number and a length-histogram PNG.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.records import RecordError, RecordFile, parse_record
+from ..files import atomic_path, atomic_write_text, write_json
 from ..text.templates import IMAGE_PLACEHOLDER
 
 PERCENTILES = (50, 90, 95, 99)
@@ -143,10 +143,9 @@ def plot_lengths(st: DataStats, path: str | os.PathLike) -> None:
     ax.set_ylabel("records")
     ax.set_title(Path(st.path).name)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(st: DataStats, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -155,8 +154,6 @@ def write_report(st: DataStats, out_dir: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "lengths.png", "md": out / "stats.md", "json": out / "stats.json"}
     plot_lengths(st, paths["png"])
-    for key, text in (("md", to_markdown(st, paths["png"].name)), ("json", json.dumps(st.summary(), indent=1))):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+    atomic_write_text(paths["md"], to_markdown(st, paths["png"].name))
+    write_json(paths["json"], st.summary(), indent=1)
     return paths

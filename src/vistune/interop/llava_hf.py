@@ -37,7 +37,7 @@ from transformers.initialization import no_init_weights
 
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
-from ..model.checkpoint import atomic_directory, write_json
+from ..files import atomic_directory, write_json
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
 from ..text.templates import get_template

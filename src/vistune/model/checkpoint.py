@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from transformers.initialization import no_init_weights
 
 from .. import __version__
 from ..data.images import ImageConfig, preprocess
+from ..files import atomic_directory, write_json
 from ..text.templates import Template, get_template
 from ..text.tokenizer import load_tokenizer
 from .build import text_config_from_dict
@@ -35,37 +34,6 @@ from .vlm import VisionLanguageModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_directory(final: str | os.PathLike):
-    """Context manager yielding a temporary directory renamed to ``final`` on success."""
-    return _AtomicDir(Path(final))
-
-
-class _AtomicDir:
-    def __init__(self, final: Path):
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def image_processor_dict(cfg: ImageConfig) -> dict:

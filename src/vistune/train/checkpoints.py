@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model.checkpoint import atomic_directory
+from ..files import atomic_directory, remove_leftovers, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -55,11 +55,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def clean_partial(output_dir: str | Path) -> None:
     """Remove temporary directories left by a run killed while saving."""
-    root = Path(output_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
+    remove_leftovers(Path(output_dir) / CHECKPOINTS)
 
 
 def prune(output_dir: str | Path, keep_last: int) -> None:
@@ -109,9 +105,9 @@ def save_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], optimizer
 
 def write_loop_state(path: Path, *, scheduler_state: dict, rng_states: list[dict], state: dict) -> None:
     """Schedule, RNG and position; trainer_state.json last, as it marks the checkpoint complete."""
-    (path / "scheduler.json").write_text(json.dumps(scheduler_state))
-    (path / "rng.json").write_text(json.dumps(rng_states))
-    (path / STATE_FILE).write_text(json.dumps(state, indent=2))
+    write_json(path / "scheduler.json", scheduler_state, indent=None)
+    write_json(path / "rng.json", rng_states, indent=None)
+    write_json(path / STATE_FILE, state)
 
 
 def read_state(path: str | Path) -> dict:

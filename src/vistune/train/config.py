@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from ..files import atomic_write_text
+
 MODULE_MODES = ("frozen", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -130,10 +132,7 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # YAML names that are not Python identifiers.

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..data.dataset import SampleError, TextSettings, VLDataset
 from ..data.images import ImageError, load_pixels, resolve_image_path
 from ..data.records import RecordError, RecordFile
-from ..model.checkpoint import atomic_directory
+from ..files import atomic_directory
 from ..model.vlm import VisionLanguageModel
 from ..text.encode import EncodingError, encode_conversation
 from .config import ConfigError, RunConfig

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType
 
 from .. import __version__
 from ..data.dataset import VLDataset, text_settings_for
+from ..files import replace_directory, temp_path, write_jsonl
 from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
@@ -271,7 +272,7 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             if main and bad:
-                _write_bad(self.out / "bad_records.jsonl", bad)
+                write_jsonl(self.out / "bad_records.jsonl", bad)
         elapsed = time.perf_counter() - start_time
 
         acc.wait_for_everyone()
@@ -381,7 +382,7 @@ class Trainer:
             # DeepSpeed / FSDP shard weights and optimizer state over processes: every process
             # writes its shard (accelerate's save_state) into a temporary directory that the
             # main process renames once all are done.
-            tmp = path.with_name(f".{path.name}.tmp-sharded")
+            tmp = temp_path(path, tag="sharded")  # one name that every process agrees on
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
@@ -389,9 +390,7 @@ class Trainer:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 ckpt.write_loop_state(tmp, scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state)
-                if path.exists():
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
+                replace_directory(tmp, path)
         elif acc.is_main_process:
             ckpt.save_checkpoint(path, trainable=trainable_state_dict(raw), optimizer_state=optimizer.state_dict(),
                                  scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state)
@@ -538,14 +537,6 @@ def _say(progress, msg: str) -> None:
         progress.write(msg)
     else:
         log.warning(msg)
-
-
-def _write_bad(path: Path, bad: list[dict]) -> None:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(b) + "\n" for b in bad))
-    os.replace(tmp, path)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..model.checkpoint import CONFIG_NAME, atomic_directory, image_processor_dict, load_model, save_model, write_json
+from ..files import atomic_directory, write_json
+from ..model.checkpoint import CONFIG_NAME, image_processor_dict, load_model, save_model
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, LoraSpec
 

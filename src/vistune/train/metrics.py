@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from ..files import JsonlAppender, atomic_path, atomic_write_text, write_jsonl
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.md"
@@ -15,20 +17,18 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
+        keep = []
+        if resume_step is not None and self.path.exists():
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
-        self._f = open(self.path, "a", buffering=1)
+        write_jsonl(self.path, keep)
+        # Flushed per line, not fsynced: a metrics line is cheap to lose, a stall per step is not.
+        self._log = JsonlAppender(self.path, sync=False)
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._log.append([record])
 
     def close(self) -> None:
-        self._f.close()
+        self._log.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -72,12 +72,10 @@ def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "traini
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.legend(loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def write_summary(path: str | os.PathLike, rows: list[tuple[str, str]], bad: list[dict], title: str) -> Path:
@@ -89,6 +87,4 @@ def write_summary(path: str | os.PathLike, rows: list[tuple[str, str]], bad: lis
         if len(bad) > 200:
             lines.append(f"| ... | {len(bad) - 200} more in bad_records.jsonl |")
     lines += ["", f"![loss curve]({CURVE_FILE})", ""]
-    path = Path(path)
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write_text(path, "\n".join(lines))

@@ -9,7 +9,6 @@ From-scratch tiny models set ``train.vision: full`` and use the same code.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..files import atomic_path
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.vlm import VisionLanguageModel
@@ -82,9 +82,8 @@ def save_projector(model: VisionLanguageModel, path: str | os.PathLike) -> Path:
         "vision_hidden_size": str(model.vision.hidden_size),
         "text_hidden_size": str(model.language_model.get_input_embeddings().embedding_dim),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -217,9 +216,3 @@ def run_info(cfg: RunConfig, model: VisionLanguageModel) -> dict:
     return {"modules": {p: getattr(cfg.train, p) for p in MODULES},
             "trainable": {p: list(v) for p, v in trainable_summary(model).items()},
             "projector_type": model.config.projector_type}
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

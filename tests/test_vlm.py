@@ -126,3 +126,29 @@ def test_cls_patch_keeps_cls(tokenizer):
     assert m_cls.config.num_image_tokens == m_patch.config.num_image_tokens + 1
     m_sig, _ = make_model(tokenizer, "siglip", vision_feature_select="patch")
     assert m_sig.config.num_image_tokens == 16  # SigLIP has no CLS token to drop
+
+
+def test_conv_tower_from_a_directory_uses_its_preprocessor_size(tokenizer, tmp_path):
+    # A ResNet checkpoint says nothing about its input size; preprocessor_config.json does.
+    from transformers import ResNetConfig, ResNetModel
+
+    from vistune.data.images import ImageConfig
+    from vistune.model.build import build_vlm
+    from vistune.model.checkpoint import image_processor_dict, load_model, save_model, write_json
+    from vistune.model.tiny import tiny_text_config
+
+    net = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 1, 1],
+                                   layer_type="basic", downsample_in_first_stage=False))
+    net.save_pretrained(tmp_path / "cnn")
+    write_json(tmp_path / "cnn" / "preprocessor_config.json", image_processor_dict(ImageConfig(size=64)))
+    model, tok = build_vlm(str(tmp_path / "cnn"), tiny_text_config(vocab_size=len(tokenizer)), tokenizer,
+                           vision_feature_layer=-2)
+    # 64 px -> /4 stem -> 16x16 -> stage 2 halves it: an 8x8 map of the 16-wide stage.
+    assert model.config.image.size == 64
+    assert model.config.num_image_tokens == 64
+    assert model.vision.hidden_size == 16
+    feats = model.vision(torch.zeros(2, 3, 64, 64))
+    assert feats.shape == (2, 64, 16)
+    save_model(model, tok, tmp_path / "vlm")
+    loaded, _ = load_model(tmp_path / "vlm")
+    assert loaded.config.num_image_tokens == 64 and loaded.vision.image_size == 64

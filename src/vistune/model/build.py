@@ -40,16 +40,31 @@ def load_language_model(source: Source, dtype: torch.dtype | None = None) -> Pre
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
-def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
-    """Image settings of a vision checkpoint (its preprocessor_config.json when present)."""
-    mean, std, size = CLIP_MEAN, CLIP_STD, tower.image_size
+def _preprocessor(source: Source) -> dict:
     if isinstance(source, (str, os.PathLike)):
         pp = Path(source) / "preprocessor_config.json"
         if pp.exists():
-            d = json.loads(pp.read_text())
-            mean = tuple(d.get("image_mean", mean))
-            std = tuple(d.get("image_std", std))
-    return ImageConfig(size=size, aspect=aspect, mean=mean, std=std)
+            return json.loads(pp.read_text())
+    return {}
+
+
+def _preprocessor_size(pp: dict) -> int | None:
+    """Input resolution named by an HF image-processor config, if any."""
+    crop, size = pp.get("crop_size"), pp.get("size")
+    for v in (crop, size):
+        if isinstance(v, dict):
+            v = v.get("height") or v.get("shortest_edge")
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
+    """Image settings of a vision checkpoint (its preprocessor_config.json when present)."""
+    pp = _preprocessor(source)
+    mean = tuple(pp.get("image_mean", CLIP_MEAN))
+    std = tuple(pp.get("image_std", CLIP_STD))
+    return ImageConfig(size=tower.image_size, aspect=aspect, mean=mean, std=std)
 
 
 def build_vlm(
@@ -84,7 +99,8 @@ def build_vlm(
     else:
         ensure_special_tokens(tokenizer)
     vision_model = load_vision_model(vision, dtype)
-    tower = VisionTower(vision_model, vision_feature_layer, vision_feature_select)
+    size = image.size if image else _preprocessor_size(_preprocessor(vision))
+    tower = VisionTower(vision_model, vision_feature_layer, vision_feature_select, image_size=size)
     lm = load_language_model(llm, dtype)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)

@@ -96,7 +96,7 @@ def model_from_config(cfg: VLMConfig, *, init: bool = True) -> VisionLanguageMod
             vision_model = AutoModel.from_config(vision_cfg)
             lm = AutoModelForCausalLM.from_config(text_cfg)
     lm.tie_weights()
-    tower = VisionTower(vision_model, cfg.vision_feature_layer, cfg.vision_feature_select)
+    tower = VisionTower(vision_model, cfg.vision_feature_layer, cfg.vision_feature_select, image_size=cfg.image.size)
     return VisionLanguageModel(cfg, tower, lm)
 
 

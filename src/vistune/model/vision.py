@@ -38,38 +38,40 @@ class VisionTower(nn.Module):
 
     Transformer encoders give hidden states (B, T, D); convolutional ones give maps
     (B, C, H, W), flattened into H*W tokens. ``select='patch'`` drops the CLS token
-    when the encoder has one.
+    when the encoder has one. Convolutional configs carry no input size, so
+    ``image_size`` (from the checkpoint's preprocessor_config.json) says which
+    resolution the token count and width are probed at.
     """
 
-    def __init__(self, model: PreTrainedModel, feature_layer: int = -2, select: str = "patch"):
+    def __init__(self, model: PreTrainedModel, feature_layer: int = -2, select: str = "patch",
+                 image_size: int | None = None):
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer
         self.select = select
         cfg = model.config
-        self.image_size = int(getattr(cfg, "image_size", 224))
+        self.image_size = int(getattr(cfg, "image_size", None) or image_size or 224)
         self.num_channels = int(getattr(cfg, "num_channels", 3))
 
     @property
     def hidden_size(self) -> int:
-        cfg = self.model.config
-        for key in ("hidden_size", "hidden_sizes", "embed_dim"):
-            v = getattr(cfg, key, None)
-            if v:
-                return int(v[-1] if isinstance(v, (list, tuple)) else v)
-        with torch.no_grad():
-            return int(self.forward(self.dummy_pixels()).shape[-1])
+        """Width of the features at the chosen layer (stages of a conv net differ in width)."""
+        return self._probe()[1]
 
     def dummy_pixels(self, n: int = 1) -> torch.Tensor:
         p = next(self.model.parameters())
         return torch.zeros(n, self.num_channels, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
 
-    def _raw_token_count(self) -> int:
-        """Tokens the encoder yields per image at the feature layer (one dummy forward, cached)."""
-        if not hasattr(self, "_raw_tokens"):
+    def _probe(self) -> tuple[int, int]:
+        """(tokens per image, width) at the feature layer: one dummy forward, cached."""
+        if not hasattr(self, "_probed"):
             with torch.no_grad():
-                self._raw_tokens = int(self._hidden(self.dummy_pixels()).shape[1])
-        return self._raw_tokens
+                shape = self._hidden(self.dummy_pixels()).shape
+            self._probed = (int(shape[1]), int(shape[2]))
+        return self._probed
+
+    def _raw_token_count(self) -> int:
+        return self._probe()[0]
 
     @property
     def has_cls(self) -> bool:

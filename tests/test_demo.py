@@ -13,8 +13,7 @@ from vistune.infer.engine import Engine, GenerationConfig, Prompt
 def tiny_demo(out, seed=0):
     return DemoConfig(
         out=str(out), seed=seed, train_images=48, heldout_images=8, vocab_size=400,
-        vision=VisionPretrainConfig(image_size=64, patch_size=16, hidden_size=32, layers=2, heads=2, embed_dim=32,
-                                    steps=3, batch_size=16),
+        vision=VisionPretrainConfig(image_size=64, widths=(8, 16, 16), embed_dim=16, steps=3, scenes=4),
         lm=LMPretrainConfig(hidden_size=32, layers=1, heads=2, kv_heads=2, intermediate_size=64, steps=3,
                             batch_size=4, seq_len=64),
         stage1_steps=2, stage2_steps=3, stage2_batch=4, recall_images=2,
@@ -25,7 +24,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     report = run_demo(tiny_demo(tmp_path / "demo"))
     out = tmp_path / "demo"
     for f in ["report.md", "report.json", "loss.png", "accuracy.png", "samples.json", "model/config.json",
-              "foundation/clip/config.json", "foundation/llm/config.json", "data/instruct.jsonl"]:
+              "foundation/vision/config.json", "foundation/llm/config.json", "data/instruct.jsonl"]:
         assert (out / f).exists(), f
     saved = json.loads((out / "report.json").read_text())
     assert saved["seed"] == 0 and saved["timings"]["total_s"] > 0
@@ -33,8 +32,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     assert set(saved["accuracy_by_kind"]["full"]) <= {"color", "shape", "count", "existence", "position", "size"}
     assert saved == json.loads(json.dumps(report))
-    # Stage 0 wrote standard transformers formats: a CLIP vision model and a Llama.
-    assert json.loads((out / "foundation/clip/config.json").read_text())["model_type"] == "clip_vision_model"
+    # Stage 0 wrote standard transformers formats: a ResNet vision model and a Llama.
+    assert json.loads((out / "foundation/vision/config.json").read_text())["model_type"] == "resnet"
+    assert (out / "foundation/vision/preprocessor_config.json").exists()
     assert json.loads((out / "foundation/llm/config.json").read_text())["model_type"] == "llama"
     # The final model loads and answers a question about an image.
     loaded = vistune.load(out / "model")

@@ -1,9 +1,20 @@
 """Stage 0 of the demo: the foundation models the paper takes as given.
 
-A tiny vision encoder pretrained CLIP-style (contrastive image-caption loss) and a
-tiny LM pretrained on the world's text. Both are saved in the standard transformers
-formats (a CLIP vision model directory, a Llama causal-LM directory, a tokenizer),
-so stages 1 and 2 load them exactly as they would load real CLIP and Vicuna weights.
+A tiny vision encoder pretrained CLIP-style and a tiny LM pretrained on the world's
+text. Both are saved in standard transformers formats (a ResNet vision model
+directory with its preprocessor_config.json, a Llama causal-LM directory, a
+tokenizer), so stages 1 and 2 load them exactly as they would load real CLIP and
+Vicuna weights.
+
+The vision encoder is a small ResNet, as in CLIP's own RN50 family, not a ViT: on
+this world a 4-layer ViT trained from scratch needed ~250 supervised steps before it
+told a circle from a square at all, a ResNet of the same cost ~25. The contrastive
+loss has two levels: whole images against full captions, each scene in the batch
+paired with a hard-negative twin that differs in one attribute of one object (so
+colour alone never identifies a caption), and object regions (their boxes pooled
+over the feature map) against object phrases, as in region-level CLIP variants.
+Together they make every visual token say what is where, which is what stage 2
+reads.
 """
 from __future__ import annotations
 
@@ -11,15 +22,18 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, ResNetConfig, ResNetModel
 
-from ..data.images import ImageConfig, load_pixels
-from ..model.checkpoint import atomic_directory, image_processor_dict, write_json
+from ..data.images import ImageConfig, preprocess
+from ..files import atomic_directory, write_json
+from ..instruct.annotations import Box
+from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
+from ..model.checkpoint import image_processor_dict
 
 Progress = Callable[[int, float], None]  # (step, loss)
 
@@ -27,15 +41,13 @@ Progress = Callable[[int, float], None]  # (step, loss)
 @dataclass
 class VisionPretrainConfig:
     image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
+    widths: tuple[int, ...] = (32, 64, 128)  # ResNet stages; the last gives (size/16)^2 tokens
     embed_dim: int = 128
-    steps: int = 300
-    batch_size: int = 128
+    steps: int = 200
+    scenes: int = 32  # fresh scenes per step, each with its hard-negative twin
     lr: float = 2e-3
     warmup: int = 20
+    region_weight: float = 1.0
     seed: int = 0
 
 
@@ -74,6 +86,7 @@ class _TextTower(nn.Module):
         self.proj = nn.Linear(dim, out, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids[:, : self.pos.shape[0]]
         mask = ids != self.pad_id
         x = self.emb(ids) + self.pos[: ids.shape[1]]
         x = self.enc(x, src_key_padding_mask=~mask)
@@ -81,46 +94,128 @@ class _TextTower(nn.Module):
         return self.proj(x)
 
 
+# -- contrastive batches from the world ---------------------------------------------
+def scene_caption(boxes: list[Box], size: int) -> str:
+    """Every object with size, colour, shape and place, left to right."""
+    ordered = sorted(boxes, key=lambda b: b.center)
+    return ", ".join(f"a {name(b, True)} {location_phrase(b, size, size)}" for b in ordered) + "."
+
+
+def hard_negative(boxes: list[Box], rng: random.Random, world: WorldConfig) -> list[Box]:
+    """The scene with one attribute of one object changed (shape, colour, size, a swap of
+    two objects' shapes, or one object dropped)."""
+    boxes = list(boxes)
+    present = {(b.attributes["color"], b.attributes["shape"]) for b in boxes}
+    i = rng.randrange(len(boxes))
+    b = boxes[i]
+    color, shape = b.attributes["color"], b.attributes["shape"]
+    edit = rng.choice(("shape", "color", "size", "swap", "drop") if len(boxes) > 1 else ("shape", "color", "size"))
+    if edit == "shape":
+        options = [s for s in SHAPES if (color, s) not in present]
+        if options:
+            new = rng.choice(options)
+            boxes[i] = Box(new, b.bbox, {**b.attributes, "shape": new})
+    elif edit == "color":
+        options = [c for c in COLORS if (c, shape) not in present]
+        if options:
+            boxes[i] = Box(shape, b.bbox, {**b.attributes, "color": rng.choice(options)})
+    elif edit == "size":
+        other = "large" if b.attributes["size"] == "small" else "small"
+        side = rng.randint(*(world.small_px if other == "small" else world.large_px))
+        cx, cy = b.center
+        x1 = min(max(1, round(cx - side / 2)), world.image_size - side - 1)
+        y1 = min(max(1, round(cy - side / 2)), world.image_size - side - 1)
+        boxes[i] = Box(shape, (float(x1), float(y1), float(x1 + side), float(y1 + side)),
+                       {**b.attributes, "size": other})
+    elif edit == "swap":
+        j = rng.choice([k for k in range(len(boxes)) if k != i])
+        o = boxes[j]
+        swapped = {(color, o.attributes["shape"]), (o.attributes["color"], shape)}
+        if o.attributes["shape"] != shape and not swapped & present:
+            boxes[i] = Box(o.category, b.bbox, {**b.attributes, "shape": o.attributes["shape"]})
+            boxes[j] = Box(shape, o.bbox, {**o.attributes, "shape": shape})
+    else:
+        boxes.pop(i)
+    return boxes
+
+
+def region_weights(boxes: list[Box], grid: int, size: int) -> torch.Tensor:
+    """(objects, grid*grid) averaging weights over the feature-map cells inside each box."""
+    cell = size / grid
+    w = torch.zeros(len(boxes), grid * grid)
+    centres = (torch.arange(grid) + 0.5) * cell
+    for k, b in enumerate(boxes):
+        x1, y1, x2, y2 = b.bbox
+        inside_x = (centres >= x1) & (centres <= x2)
+        inside_y = (centres >= y1) & (centres <= y2)
+        m = (inside_y[:, None] & inside_x[None, :]).flatten().float()
+        if m.sum() == 0:  # a small box between cell centres: its centre's cell
+            cx, cy = b.center
+            m[min(grid - 1, int(cy // cell)) * grid + min(grid - 1, int(cx // cell))] = 1
+        w[k] = m / m.sum()
+    return w
+
+
+def _feature_map(vision: ResNetModel, pixels: torch.Tensor) -> torch.Tensor:
+    return vision(pixel_values=pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (B, cells, C)
+
+
 def pretrain_vision_encoder(
-    image_paths: Sequence[Path],
-    captions: Sequence[Sequence[str]],
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     cfg: VisionPretrainConfig,
+    world: WorldConfig | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Contrastive image-caption pretraining; writes a CLIPVisionModel directory."""
+    """Contrastive pretraining on fresh scenes of the world; writes a ResNet model directory."""
+    world = world or WorldConfig(image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    vcfg = CLIPVisionConfig(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 4, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        projection_dim=cfg.embed_dim,
-    )
-    vision = CLIPVisionModel(vcfg)
-    v_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False)
-    text = _TextTower(len(tokenizer), cfg.hidden_size, cfg.embed_dim, tokenizer.pad_token_id)
+    vision = ResNetModel(ResNetConfig(
+        embedding_size=cfg.widths[0], hidden_sizes=list(cfg.widths), depths=[1] * len(cfg.widths),
+        layer_type="basic", downsample_in_first_stage=False,
+    ))
+    width = cfg.widths[-1]
+    image_proj = nn.Linear(width, cfg.embed_dim, bias=False)
+    region_proj = nn.Linear(width, cfg.embed_dim, bias=False)
+    text = _TextTower(len(tokenizer), width, cfg.embed_dim, tokenizer.pad_token_id)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*vision.parameters(), *v_proj.parameters(), *text.parameters(), logit_scale]
+    params = [*vision.parameters(), *image_proj.parameters(), *region_proj.parameters(), *text.parameters(),
+              logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
     image_cfg = ImageConfig(size=cfg.image_size, aspect="pad")
-    # The synthetic images are small: decode them all once.
-    pixels = torch.stack([load_pixels(p, image_cfg) for p in image_paths])
-    n = len(pixels)
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return F.normalize(text(ids), dim=-1)
+
+    def clip_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        logits = logit_scale.exp().clamp(max=100) * a @ b.t()
+        loss = F.cross_entropy(logits, target)
+        return (loss + F.cross_entropy(logits.t(), target)) / 2 if symmetric else loss
+
     vision.train()
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
-        idx = rng.sample(range(n), min(cfg.batch_size, n))
-        caps = [rng.choice(captions[i]) for i in idx]
-        ids = tokenizer(caps, padding=True, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :96]
-        # Mean-pooled patch tokens: every patch has to carry what the captions say.
-        hs = vision(pixel_values=pixels[idx]).last_hidden_state
-        img = F.normalize(v_proj(hs.mean(1)), dim=-1)
-        txt = F.normalize(text(ids), dim=-1)
-        logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        scenes = []
+        for _ in range(cfg.scenes):
+            boxes = sample_scene(rng, world)
+            scenes += [boxes, hard_negative(boxes, rng, world)]
+        pixels = torch.stack([preprocess(draw_scene(b, world, rng), image_cfg) for b in scenes])
+        fmap = _feature_map(vision, pixels)
+        grid = int(math.isqrt(fmap.shape[1]))
+        # Whole images vs captions (the twin of each scene is its hard negative).
+        img = F.normalize(image_proj(fmap.mean(1)), dim=-1)
+        caps = encode_text([scene_caption(b, world.image_size) for b in scenes])
+        loss = clip_loss(img, caps, torch.arange(len(scenes)), symmetric=True)
+        # Object regions vs the batch's distinct object phrases.
+        regions = torch.cat([region_weights(b, grid, world.image_size) @ f for b, f in zip(scenes, fmap)])
+        phrases = [name(o, with_size=True) for b in scenes for o in b]
+        distinct = sorted(set(phrases))
+        target = torch.tensor([distinct.index(p) for p in phrases])
+        reg = F.normalize(region_proj(regions), dim=-1)
+        loss = loss + cfg.region_weight * clip_loss(reg, encode_text(distinct), target, symmetric=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,18 +246,22 @@ def pretrain_language_model(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     lm = LlamaForCausalLM(lcfg)
-    # One long stream of documents separated by EOS, cut into fixed windows.
+    # One long stream of documents separated by EOS; training windows start where a
+    # document starts, so what a document's later text refers to is in the window.
     stream: list[int] = []
+    doc_starts: list[int] = []
     for t in texts:
+        doc_starts.append(len(stream))
         stream.extend(tokenizer(t, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])
     data = torch.tensor(stream, dtype=torch.long)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     lm.train()
     L = min(cfg.seq_len, len(data) - 1)
+    valid_starts = [s for s in doc_starts if s + L < len(data)] or [0]
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
-        starts = [rng.randrange(0, len(data) - L) for _ in range(cfg.batch_size)]
+        starts = [rng.choice(valid_starts) for _ in range(cfg.batch_size)]
         x = torch.stack([data[s: s + L] for s in starts])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16_ok()):
             logits = lm(input_ids=x).logits

@@ -23,7 +23,7 @@ from ..infer.engine import Engine
 from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_records, short_answer_questions
 from ..instruct.synth import make_world
-from ..model.checkpoint import atomic_directory, load
+from ..model.checkpoint import atomic_directory, load, read_config
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config, run
@@ -43,7 +43,7 @@ class DemoConfig:
     vocab_size: int = 1024
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
-    stage1_steps: int = 60
+    stage1_steps: int = 100
     stage2_steps: int = 300
     stage2_batch: int = 16
     recall_images: int = 40
@@ -54,7 +54,7 @@ class DemoConfig:
     def quick(cls, **kw) -> "DemoConfig":
         base = cls(
             train_images=800, heldout_images=80, vocab_size=768,
-            vision=VisionPretrainConfig(steps=60, batch_size=64), lm=LMPretrainConfig(steps=60, batch_size=16),
+            vision=VisionPretrainConfig(steps=60), lm=LMPretrainConfig(steps=60, batch_size=16),
             stage1_steps=20, stage2_steps=80, recall_images=16,
         )
         return replace(base, **kw)
@@ -141,13 +141,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         tok = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
         vis_cfg = replace(cfg.vision, seed=cfg.seed)
         lm_cfg = replace(cfg.lm, seed=cfg.seed)
-        pretrain_vision_encoder(
-            [world / "train" / a.file for a in train_anns], [a.captions for a in train_anns], tok,
-            foundation / "clip", vis_cfg, _bar("CLIP-style vision pretraining", vis_cfg.steps),
-        )
+        pretrain_vision_encoder(tok, foundation / "vision", vis_cfg, progress=_bar("CLIP-style vision pretraining",
+                                                                                    vis_cfg.steps))
         pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
 
-    common1 = {"model.vision": str(foundation / "clip"), "model.llm": str(foundation / "llm"),
+    common1 = {"model.vision": str(foundation / "vision"), "model.llm": str(foundation / "llm"),
                "data.train": str(data / "pairs.jsonl"), "data.images": str(world / "train"),
                "train.max_steps": cfg.stage1_steps, "train.seed": cfg.seed}
     with phase("stage 1: feature alignment (projector only)"):
@@ -159,9 +157,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     runs = {"stage1": s1, "stage2": s2}
     if cfg.ablations:
         with phase("ablation: stage 2 without stage 1"):
+            # The same architecture as stage 1 built, with a fresh projector.
+            s1_cfg = read_config(s1.model_dir)
             runs["no_stage1"] = _train("demo-stage2.yaml", {
-                **common2, "model.from": None, "model.vision": str(foundation / "clip"),
-                "model.llm": str(foundation / "llm"), "model.projector": "mlp2x_gelu",
+                **common2, "model.from": None, "model.vision": str(foundation / "vision"),
+                "model.llm": str(foundation / "llm"), "model.projector": s1_cfg.projector_type,
+                "model.vision_feature_layer": s1_cfg.vision_feature_layer,
             }, out / "ablation-no-stage1")
 
     with phase("evaluation on held-out scenes"):

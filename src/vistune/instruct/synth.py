@@ -127,6 +127,9 @@ def _join(items: list[str]) -> str:
 
 
 def captions_for(boxes: list[Box], w: int, h: int, rng: random.Random, k: int = 4) -> list[str]:
+    # Objects are named left to right, as people read a picture: a caption then says
+    # which object comes next, and a model can learn to look for it.
+    boxes = sorted(boxes, key=lambda b: b.center)
     n = len(boxes)
     objs = [f"a {name(b)}" for b in boxes]
     sized = [f"a {name(b, True)}" for b in boxes]

@@ -1,0 +1,41 @@
+import random
+
+import torch
+
+from vistune.demo.foundation import hard_negative, region_weights, scene_caption
+from vistune.instruct.annotations import Box
+from vistune.instruct.synth import WorldConfig, sample_scene
+
+
+def box(color, shape, size, x1, y1, side):
+    return Box(shape, (float(x1), float(y1), float(x1 + side), float(y1 + side)),
+               {"color": color, "shape": shape, "size": size})
+
+
+def test_scene_caption_names_everything_left_to_right():
+    scene = [box("red", "circle", "large", 40, 10, 20), box("blue", "square", "small", 2, 40, 12)]
+    assert scene_caption(scene, 64) == "a small blue square in the bottom left, a large red circle in the top right."
+
+
+def test_hard_negative_changes_exactly_one_thing_and_stays_valid():
+    world = WorldConfig()
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = sample_scene(rng, world)
+        twin = hard_negative(scene, rng, world)
+        pairs = [(b.attributes["color"], b.attributes["shape"]) for b in twin]
+        assert len(pairs) == len(set(pairs))  # objects stay distinct (colour, shape) pairs
+        assert 1 <= len(twin) <= len(scene)
+        if len(twin) == len(scene):
+            changed = [a for a, b in zip(scene, twin) if (a.attributes, a.bbox) != (b.attributes, b.bbox)]
+            assert len(changed) <= 2  # a swap touches two objects, other edits one
+        for b in twin:
+            x1, y1, x2, y2 = b.bbox
+            assert 0 < x1 < x2 < world.image_size and 0 < y1 < y2 < world.image_size
+
+
+def test_region_weights_average_the_cells_inside_each_box():
+    w = region_weights([box("red", "circle", "large", 0, 0, 32), box("blue", "square", "small", 50, 50, 4)], 4, 64)
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert set(w[0].nonzero().flatten().tolist()) == {0, 1, 4, 5}  # the top-left 2x2 cells
+    assert w[1].nonzero().flatten().tolist() == [15]  # too small for any cell centre: its own cell

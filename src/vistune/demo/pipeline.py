@@ -23,7 +23,8 @@ from ..infer.engine import Engine
 from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_records, short_answer_questions
 from ..instruct.synth import make_world
-from ..model.checkpoint import atomic_directory, load, read_config
+from ..files import atomic_directory
+from ..model.checkpoint import load, read_config
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config, run

@@ -1,26 +1,18 @@
 """The demo's outputs: report.md, report.json, loss.png, accuracy.png."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..eval.runner import write_json
+from ..files import atomic_path, atomic_write_text, write_json
 from ..train.metrics import read_metrics
 
 LABELS = {"full": "full pipeline", "no_stage1": "no stage 1", "stage1_only": "stage 1 only",
           "text_only": "text only (blank image)"}
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
 
 
 def plot_losses(runs: dict, path: Path) -> None:
@@ -104,5 +96,5 @@ def write_report(out: Path, report: dict, runs: dict, samples: dict, recall_samp
     plot_losses(runs, out / "loss.png")
     plot_accuracy(report, out / "accuracy.png")
     write_json(out / "report.json", report)
-    _atomic_text(out / "report.md", markdown(report, samples, recall_samples))
+    atomic_write_text(out / "report.md", markdown(report, samples, recall_samples))
     write_json(out / "samples.json", {"answers": samples, "descriptions": recall_samples})

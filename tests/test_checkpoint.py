@@ -36,6 +36,19 @@ def test_save_load_identical_logits(tokenizer, tmp_path, text):
         assert k == k2 and torch.equal(p, p2)
 
 
+def test_load_keeps_the_saved_dtype_unless_asked(tokenizer, tmp_path):
+    model, tok = make_model(tokenizer, "clip", "llama", template="v0")
+    model.to(torch.bfloat16)
+    path = save_model(model, tok, tmp_path / "bf16")
+    loaded = vistune.load(path)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    for (k, p), (k2, p2) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k == k2 and torch.equal(p, p2)
+    as_fp32 = vistune.load(path, dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.model.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.model.projector[0].weight, model.projector[0].weight.float())
+
+
 def test_save_is_atomic_and_replaces(tokenizer, tmp_path, monkeypatch):
     model, tok = make_model(tokenizer)
     path = save_model(model, tok, tmp_path / "m")

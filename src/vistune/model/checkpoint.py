@@ -110,6 +110,9 @@ def load_model(
     weights = path / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"model weights missing: {weights}")
+    # Like transformers' dtype="auto": a model saved in bf16 comes back in bf16 (half the
+    # memory, the very same numbers) unless the caller asks for another dtype.
+    model.to(dtype or _stored_float_dtype(weights))
     missing, unexpected = st_load_model(model, str(weights), strict=False)
     # Tied weights are stored once; anything else missing is a corrupt checkpoint.
     tied = set(_tied_names(model))
@@ -118,11 +121,22 @@ def load_model(
         raise ValueError(f"{weights}: missing keys {missing[:5]}, unexpected keys {list(unexpected)[:5]}")
     model.language_model.tie_weights()
     tokenizer = load_tokenizer(path)
-    if dtype is not None:
-        model.to(dtype)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _stored_float_dtype(weights: Path) -> torch.dtype:
+    """The floating dtype of a safetensors file's tensors (float32 when they mix)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        found = {f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = {_SAFETENSORS_FLOATS[d] for d in found if d in _SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 else torch.float32
 
 
 def _tied_names(model: torch.nn.Module) -> list[str]:

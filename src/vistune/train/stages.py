@@ -32,7 +32,7 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
     """The model a run starts from (weights in fp32; autocast handles lower precision)."""
     m, data = cfg.model, cfg.data
     if m.from_ is not None:
-        model, tok = load_model(m.from_)
+        model, tok = load_model(m.from_, dtype=torch.float32)
         if m.projector is not None and m.projector != model.config.projector_type:
             raise ConfigError(
                 f"model.projector is {m.projector!r} but {m.from_} has a {model.config.projector_type!r} projector"

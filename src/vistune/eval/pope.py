@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from .questions import load_questions, query_for
+from .questions import predict_and_score
 from .report import markdown_table, pct, write_report
-from .runner import EvalError, Generator, RunSettings, finish_predictions, predict
+from .runner import EvalError, Generator, RunSettings
 from .vqa import SHORT_ANSWER_SUFFIX
 
 
@@ -79,14 +79,8 @@ def evaluate(
     model_name: str = "",
 ) -> dict:
     """`vistune eval pope`: predict, parse yes/no, score, report. Returns the metrics."""
-    questions = load_questions(questions_path, required=("label",))
-    for q in questions:
-        label_of(q)
-    queries = [query_for(q, image_dir, suffix) for q in questions]
-    preds = predict(generator, queries, out_dir, settings, desc="pope", signature={"task": "pope", "model": model_name})
-    metrics, rows = score(questions, {k: v["text"] for k, v in preds.items()})
-    metrics["model"] = model_name
-    finish_predictions(out_dir, [{**preds[r["question_id"]], **r} for r in rows])
+    metrics = predict_and_score("pope", generator, questions_path, image_dir, out_dir, settings, required=("label",),
+                                check=label_of, score=score, suffix=suffix, model_name=model_name)
     summary = [(k, f"{pct(metrics[k])}%") for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")]
     summary += [("questions", str(metrics["count"]))]
     if "f1_mean_over_categories" in metrics:

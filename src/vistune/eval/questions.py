@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..data.images import resolve_image_path
-from .runner import EvalError, Query, read_jsonl
+from .runner import EvalError, Generator, Query, RunSettings, finish_predictions, predict, read_jsonl
+
+Scorer = Callable[[list[dict], dict[str, str]], tuple[dict, list[dict]]]
 
 
 def load_questions(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
@@ -51,3 +54,30 @@ def with_suffix(text: str, suffix: str | None) -> str:
 def query_for(row: dict, image_dir: str | os.PathLike | None, suffix: str | None = None) -> Query:
     images = [resolve_image_path(row["image"], image_dir)] if row.get("image") else []
     return Query(id=row["question_id"], text=with_suffix(row["text"], suffix), images=images)
+
+
+def predict_and_score(
+    task: str,
+    generator: Generator,
+    questions_path: str | os.PathLike,
+    image_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    settings: RunSettings,
+    *,
+    required: tuple[str, ...],
+    check: Callable[[dict], object],
+    score: Scorer,
+    suffix: str | None,
+    model_name: str,
+) -> dict:
+    """The run every question-file task shares: read and check every line before any
+    generation, predict (resumable), score, write predictions. Returns the metrics."""
+    questions = load_questions(questions_path, required=required)
+    for q in questions:
+        check(q)
+    queries = [query_for(q, image_dir, suffix) for q in questions]
+    preds = predict(generator, queries, out_dir, settings, desc=task, signature={"task": task, "model": model_name})
+    metrics, rows = score(questions, {k: v["text"] for k, v in preds.items()})
+    metrics["model"] = model_name
+    finish_predictions(out_dir, [{**preds[r["question_id"]], **r} for r in rows])
+    return metrics

@@ -11,9 +11,9 @@ import os
 from collections import defaultdict
 
 from .normalize import normalize_answer, vqa_accuracy
-from .questions import load_questions, query_for
+from .questions import predict_and_score
 from .report import pct, write_report
-from .runner import EvalError, Generator, RunSettings, finish_predictions, predict
+from .runner import EvalError, Generator, RunSettings
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -79,15 +79,9 @@ def evaluate(
     model_name: str = "",
 ) -> dict:
     """`vistune eval vqa`: predict, normalise, score, report. Returns the metrics."""
-    questions = load_questions(questions_path, required=("answers",))
-    for q in questions:
-        references(q)  # every line checked before any generation
-    queries = [query_for(q, image_dir, suffix) for q in questions]
-    preds = predict(generator, queries, out_dir, settings, desc="vqa",
-                    signature={"task": "vqa", "model": model_name})
-    metrics, rows = score(questions, {k: v["text"] for k, v in preds.items()})
-    metrics["model"] = model_name
-    finish_predictions(out_dir, [{**preds[r["question_id"]], **r} for r in rows])
+    # Every line's references are checked before any generation.
+    metrics = predict_and_score("vqa", generator, questions_path, image_dir, out_dir, settings, required=("answers",),
+                                check=references, score=score, suffix=suffix, model_name=model_name)
     mode = "VQAv2 soft accuracy" if metrics["soft_accuracy_questions"] == metrics["count"] else (
         "exact match" if metrics["soft_accuracy_questions"] == 0 else "mixed: soft (10 refs) / exact (1 ref)")
     summary = [("accuracy", f"{pct(metrics['accuracy'])}%"), ("scoring", mode),

@@ -40,15 +40,19 @@ _REQUIRED = {"question": str, "choices": list, "answer": int, "subject": str, "g
 
 # ---------------------------------------------------------------------------- files
 
+def _read_json(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise EvalError(f"ScienceQA {what} file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON: {e}") from None
+
+
 def load_problems(path: str | os.PathLike) -> dict[str, dict]:
     """Read problems.json, checking every field the format and the scores depend on."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"ScienceQA problems file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON: {e}") from None
+    data = _read_json(path, "problems")
     if not isinstance(data, dict):
         raise EvalError(f"{path}: expected an object mapping problem ids to problems")
     for pid, p in data.items():
@@ -80,12 +84,7 @@ def _check_problem(pid: str, p: object, source: str) -> None:
 def load_split(path: str | os.PathLike, split: str, problems: dict[str, dict]) -> list[str]:
     """The problem ids of `split` from pid_splits.json, in the file's order."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"ScienceQA splits file not found: {path}")
-    try:
-        splits = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON: {e}") from None
+    splits = _read_json(path, "splits")
     if not isinstance(splits, dict) or split not in splits:
         have = sorted(splits) if isinstance(splits, dict) else []
         raise EvalError(f"{path}: no split {split!r} (has: {', '.join(have) or 'none'})")

@@ -34,6 +34,7 @@ from ..files import atomic_directory, write_json
 from ..instruct.annotations import Box
 from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
 from ..model.checkpoint import image_processor_dict
+from ..model.vision import VisionTower
 
 Progress = Callable[[int, float], None]  # (step, loss)
 
@@ -156,10 +157,6 @@ def region_weights(boxes: list[Box], grid: int, size: int) -> torch.Tensor:
     return w
 
 
-def _feature_map(vision: ResNetModel, pixels: torch.Tensor) -> torch.Tensor:
-    return vision(pixel_values=pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (B, cells, C)
-
-
 def pretrain_vision_encoder(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
@@ -194,6 +191,9 @@ def pretrain_vision_encoder(
         loss = F.cross_entropy(logits, target)
         return (loss + F.cross_entropy(logits.t(), target)) / 2 if symmetric else loss
 
+    # The features are read exactly as stages 1 and 2 read them: the last stage's map,
+    # flattened into cells by the VLM's own tower wrapper.
+    features = VisionTower(vision, feature_layer=-1, image_size=cfg.image_size)
     vision.train()
     for step in range(cfg.steps):
         for g in opt.param_groups:
@@ -203,7 +203,7 @@ def pretrain_vision_encoder(
             boxes = sample_scene(rng, world)
             scenes += [boxes, hard_negative(boxes, rng, world)]
         pixels = torch.stack([preprocess(draw_scene(b, world, rng), image_cfg) for b in scenes])
-        fmap = _feature_map(vision, pixels)
+        fmap = features(pixels)  # (B, cells, C)
         grid = int(math.isqrt(fmap.shape[1]))
         # Whole images vs captions (the twin of each scene is its hard negative).
         img = F.normalize(image_proj(fmap.mean(1)), dim=-1)

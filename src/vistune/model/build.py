@@ -59,12 +59,15 @@ def _preprocessor_size(pp: dict) -> int | None:
     return None
 
 
-def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
-    """Image settings of a vision checkpoint (its preprocessor_config.json when present)."""
-    pp = _preprocessor(source)
+def _image_config(pp: dict, size: int, aspect: str) -> ImageConfig:
     mean = tuple(pp.get("image_mean", CLIP_MEAN))
     std = tuple(pp.get("image_std", CLIP_STD))
-    return ImageConfig(size=tower.image_size, aspect=aspect, mean=mean, std=std)
+    return ImageConfig(size=size, aspect=aspect, mean=mean, std=std)
+
+
+def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
+    """Image settings of a vision checkpoint (its preprocessor_config.json when present)."""
+    return _image_config(_preprocessor(source), tower.image_size, aspect)
 
 
 def build_vlm(
@@ -99,7 +102,8 @@ def build_vlm(
     else:
         ensure_special_tokens(tokenizer)
     vision_model = load_vision_model(vision, dtype)
-    size = image.size if image else _preprocessor_size(_preprocessor(vision))
+    pp = _preprocessor(vision)
+    size = image.size if image else _preprocessor_size(pp)
     tower = VisionTower(vision_model, vision_feature_layer, vision_feature_select, image_size=size)
     lm = load_language_model(llm, dtype)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
@@ -121,7 +125,7 @@ def build_vlm(
         num_image_tokens=tower.num_tokens(),
         image_token_id=image_token_id(tokenizer),
         template=template,
-        image=image or image_config_for(vision, tower, image_aspect),
+        image=image or _image_config(pp, tower.image_size, image_aspect),
         max_length=max_length,
         vistune_version=__version__,
     )

@@ -2,13 +2,18 @@ import importlib.util
 
 import pytest
 import torch
+from PIL import Image
+
+import vistune
 
 from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
 from vistune.data.collate import PadCollator
 from vistune.data.dataset import VLDataset, text_settings_for
+from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.model.checkpoint import load_model
 from vistune.train import ConfigError, run
-from vistune.train.lora import is_adapter_dir, load_adapter_model, merge_lora
+from vistune.model.adapters import is_adapter_dir, load_adapter_model
+from vistune.train.lora import merge_lora
 from vistune.train.stages import apply_modes, build_model
 
 
@@ -69,6 +74,16 @@ def test_lora_run_saves_adapters_and_merge_equals_adapter_logits(tiny_data, base
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(b[mask], a[mask], rtol=1e-4, atol=1e-4)
     assert (c[mask] - a[mask]).abs().max() > 1e-2  # the adapters do change the model
+
+    # Every tool loads the run itself as it is: vistune.load folds the adapters in.
+    loaded = vistune.load(r.model_dir)
+    assert not hasattr(loaded.model.language_model, "peft_config")
+    with torch.no_grad():
+        d = loaded.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    torch.testing.assert_close(d[mask], a[mask], rtol=1e-4, atol=1e-4)
+    (answer,) = Engine(loaded).generate([Prompt.ask("What is this?", [Image.new("RGB", (32, 32), "red")])],
+                                        GenerationConfig(max_new_tokens=3))
+    assert answer.completion_tokens >= 1
 
 
 def test_merge_lora_refuses_plain_runs(tiny_data, base_model_dir, tmp_path):

@@ -103,8 +103,17 @@ def model_from_config(cfg: VLMConfig, *, init: bool = True) -> VisionLanguageMod
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
-    """Load a model directory written by `save_model`. No pickle is ever read."""
+    """Load a model directory written by `save_model`, or a LoRA run's adapter directory
+    (its adapters folded into the base weights). No pickle is ever read."""
     path = Path(path)
+    from .adapters import is_adapter_dir, load_adapter_model, merge_adapters
+
+    if is_adapter_dir(path):
+        model, tokenizer = load_adapter_model(path)
+        model = merge_adapters(model)
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device).eval(), tokenizer
     cfg = read_config(path)
     model = model_from_config(cfg, init=False)
     weights = path / WEIGHTS_NAME

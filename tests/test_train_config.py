@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vistune.train.config import ConfigError, RunConfig, load_run_config, parse_override
+from vistune.train.config import ConfigError, RunConfig, load_run_config, parse_override, preset_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -103,3 +103,32 @@ def test_defaults_are_a_valid_config():
     cfg = RunConfig.from_dict({"model": {"from": "m"}})
     assert cfg.train.vision == "frozen" and cfg.train.scheduler == "cosine"
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_shipped_presets_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: a pip-installed vistune
+    by_name = load_run_config("tiny-cpu-stage1", ["data.train=d.jsonl"])
+    assert by_name == load_run_config(CONFIGS / "tiny-cpu-stage1.yaml", ["data.train=d.jsonl"])
+    assert load_run_config("configs/tiny-cpu-stage2.yaml") == load_run_config(CONFIGS / "tiny-cpu-stage2.yaml")
+    assert {"tiny-cpu-stage1", "demo-stage2", "llava-v1.5-7b-lora"} <= set(preset_names())
+    with pytest.raises(ConfigError, match=r"config file not found: tiny-cpu-stage9 \(shipped presets: .*tiny-cpu"):
+        load_run_config("tiny-cpu-stage9")
+    with pytest.raises(ConfigError, match="config file not found: other/x.yaml"):
+        load_run_config("other/x.yaml")  # a path elsewhere is never swapped for a preset
+
+
+def test_every_preset_file_is_packaged():
+    """pyproject's package-data globs cover every file under configs/ (a wheel would drop the rest)."""
+    import tomllib
+    from pathlib import PurePosixPath
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vistune"]
+    pkg = root / "src" / "vistune"
+    files = [p.relative_to(pkg).as_posix() for p in (pkg / "configs").rglob("*") if p.is_file()]
+
+    def packaged(f: str) -> bool:  # setuptools' globs: `*` stays within one folder
+        return any(PurePosixPath(f).match(g) and f.count("/") == g.count("/") for g in globs)
+
+    assert files and all(packaged(f) for f in files), [f for f in files if not packaged(f)]
+    assert (root / "configs").resolve() == (pkg / "configs").resolve()  # the repository's configs/ is that folder

@@ -28,11 +28,11 @@ from ..model.checkpoint import load, read_config
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config, run
+from ..train.config import PRESETS_DIR
 from .evaluate import answer_questions, grade, majority_baseline, object_recall
 from .foundation import LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder
 from .report import write_report
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
 @dataclass
@@ -98,12 +98,8 @@ def _strip_images(turns: list[dict]) -> list[dict]:
 
 
 def _train(preset: str, overrides: dict, out_dir: Path):
-    if not (CONFIG_DIR / preset).exists():
-        raise FileNotFoundError(
-            f"demo preset {CONFIG_DIR / preset} not found: the demo runs its stages through the YAML "
-            "presets in the repository's configs/ folder (install from a checkout, e.g. `make demo`)"
-        )
-    cfg = load_run_config(CONFIG_DIR / preset, {**overrides, "output_dir": str(out_dir)})
+    # The stages run through the same shipped presets a user would pass to `vistune train`.
+    cfg = load_run_config(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
     return run(cfg)
 
 

@@ -140,13 +140,32 @@ _YAML_NAMES = {"from_": "from"}
 _FIELD_NAMES = {v: k for k, v in _YAML_NAMES.items()}
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_names() -> list[str]:
+    """The YAML presets shipped with vistune (what `vistune train NAME` accepts)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(path: str | os.PathLike) -> Path:
+    """A config file: the path itself when it exists, else a shipped preset of that name
+    (`tiny-cpu-stage1` or `tiny-cpu-stage1.yaml`), so presets work from a pip install too."""
+    p = Path(path)
+    if p.exists():
+        return p
+    if str(p.parent) in (".", "configs"):  # `configs/NAME.yaml` as in the docs, run from anywhere
+        shipped = PRESETS_DIR / (p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml")
+        if shipped.exists():
+            return shipped
+    raise ConfigError(f"config file not found: {p} (shipped presets: {', '.join(preset_names())})")
+
+
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """A RunConfig from a YAML preset (optional) and ``key=value`` overrides."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_preset(path)
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

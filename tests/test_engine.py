@@ -262,3 +262,51 @@ def test_a_batch_that_keeps_taking_newcomers_stays_short(engine):
     longest_prompt = max(engine.encode(p).input_ids.__len__() for p in prompts)
     assert max(lengths) <= longest_prompt + 12  # no padding piles up on the left
     assert run.completions == [engine.generate([prompts[i % 5]], cfg)[0] for i in range(len(added))]
+
+
+def _lm_calls(engine: Engine, prompts: list[Prompt], cfg: GenerationConfig) -> tuple[list, list, list[Completion]]:
+    """(batch, length) of every language-model call while generating, each call's last-position
+    logits, and the completions."""
+    seen: list[tuple[int, int]] = []
+    logits: list[torch.Tensor] = []
+
+    def record(_module, _args, kw, out):
+        x = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw["input_ids"]
+        seen.append(tuple(x.shape[:2]))
+        logits.append(out.logits[:, -1].clone())
+
+    hook = engine.lm.register_forward_hook(record, with_kwargs=True)
+    try:
+        out = engine.generate(prompts, cfg)
+    finally:
+        hook.remove()
+    return seen, logits, out
+
+
+def test_a_common_prefix_is_prefilled_once(engine):
+    # Same system prompt, different questions, images and lengths (one prompt twice).
+    prompts = mixed_prompts()[:4] + [mixed_prompts()[1]]
+    ids = [engine.encode(p).input_ids for p in prompts]
+    shared = next(i for i in range(len(ids[0])) if len({tuple(x[: i + 1]) for x in ids}) > 1)
+    assert shared >= 16 and all(engine.image_token_id not in x[:shared] for x in ids)
+    alone = [_lm_calls(engine, [p], GenerationConfig(max_new_tokens=1))[1][0][0] for p in prompts]
+    for cfg in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, repetition_penalty=1.5)):
+        seen, logits, batched = _lm_calls(engine, prompts, cfg)
+        # The prefix once for the batch, then every row's own part, padded to the longest.
+        assert seen[:2] == [(1, shared), (5, max(map(len, ids)) - shared)]
+        torch.testing.assert_close(logits[1], torch.stack(alone), atol=1e-4, rtol=1e-4)
+        assert batched == [engine.generate([p], cfg)[0] for p in prompts]
+    # Identical prompts share all but their last token, which each row still prefills itself.
+    same = [Prompt.ask("what color is the circle?")] * 3
+    n = len(engine.encode(same[0]).input_ids)
+    seen, _, batched = _lm_calls(engine, same, GenerationConfig(max_new_tokens=6))
+    assert seen[:2] == [(1, n - 1), (3, 1)]
+    assert batched == [engine.generate([same[0]], GenerationConfig(max_new_tokens=6))[0]] * 3
+
+
+def test_a_short_common_prefix_is_not_split_off(engine):
+    # Two prompts with different system prompts share little more than BOS: one plain prefill.
+    prompts = [mixed_prompts()[0], mixed_prompts()[4]]
+    seen, _, batched = _lm_calls(engine, prompts, GenerationConfig(max_new_tokens=4))
+    assert seen[0] == (2, max(len(engine.encode(p).input_ids) for p in prompts))
+    assert batched == [engine.generate([p], GenerationConfig(max_new_tokens=4))[0] for p in prompts]

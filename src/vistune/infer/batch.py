@@ -24,6 +24,10 @@ from .types import Completion, EncodedPrompt, GenerationConfig
 if TYPE_CHECKING:
     from .engine import Engine
 
+# Prefill a common prompt prefix once only when that spares at least this many token positions:
+# below it, the extra forward pass costs about what it saves.
+MIN_SHARED_SAVING = 48
+
 
 class _Row:
     """Book-keeping for one sequence."""
@@ -129,15 +133,22 @@ class BatchRun:
 
     def _prefill(self, rows: list[_Row]) -> tuple[_State, torch.Tensor]:
         eng, dev = self.engine, self.engine.device
-        lengths = [r.prompt_tokens for r in rows]
+        prompts = [r.prompt.input_ids for r in rows]
+        lengths = [len(p) for p in prompts]
         width = max(lengths)
         capacity = width + max(r.max_new for r in rows)
+        cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
+        shared = self._shared_prefix(prompts) if cache is not None else 0
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
+        # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
+        # when nothing is shared): the padding sits where the rows start to differ.
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.ones((len(rows), capacity), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt.input_ids)
-            mask[i, : width - lengths[i]] = False
+        for i, p in enumerate(prompts):
+            gap = width - lengths[i]
+            ids[i, :shared] = torch.tensor(p[:shared])
+            ids[i, shared + gap:] = torch.tensor(p[shared:])
+            mask[i, shared:shared + gap] = False
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != width
         # Positions count real tokens only: each row sees the positions it would see alone.
@@ -145,15 +156,34 @@ class BatchRun:
         embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
         for r in rows:
             r.prompt = None
-        cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
-        out = eng.model(input_ids=ids, attention_mask=mask[:, :width] if padded else None, position_ids=pos,
-                        image_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if shared:
+            # The common prefix (the system prompt) goes through the model once; every row gets a copy
+            # of its keys and values, which are exactly what the row would have computed itself.
+            eng.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(rows))
+        out = eng.model(input_ids=ids[:, shared:], attention_mask=mask[:, :width] if padded else None,
+                        position_ids=pos[:, shared:], image_embeds=embeds, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
         history = None
         if self._penalised:
-            first_real = ids.gather(1, (width - torch.tensor(lengths, device=dev))[:, None])
+            first_real = ids.gather(1, mask[:, :width].int().argmax(1, keepdim=True))
             history = torch.where(mask[:, :width], ids, first_real)
         state = _State(out.past_key_values, mask if padded else None, width, pos[:, -1:], history)
         return state, out.logits[:, -1]
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> int:
+        """How many leading tokens every prompt has in common, up to the first image (rows may hold
+        different images there) and leaving each row at least one token of its own; 0 when too
+        few tokens would be saved to pay for the extra forward pass."""
+        if len(prompts) < 2:
+            return 0
+        first, image = prompts[0], self.engine.image_token_id
+        limit = min(len(p) for p in prompts) - 1
+        n = 0
+        while n < limit and first[n] != image and all(p[n] == first[n] for p in prompts):
+            n += 1
+        return n if n * (len(prompts) - 1) >= MIN_SHARED_SAVING else 0
 
     def _decode(self, tokens: list[int]) -> torch.Tensor | None:
         eng, st = self.engine, self._state

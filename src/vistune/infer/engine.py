@@ -23,6 +23,7 @@ from ..text.encode import EncodingError, encode_conversation
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
+from .memory import keep_freed_memory
 from .types import (
     Completion,
     EncodedPrompt,
@@ -65,6 +66,7 @@ class Engine:
         self._mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
+        keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -1,8 +1,10 @@
 """One batch of sequences decoded together, one token per step.
 
-Prompts are left-padded and prefilled in one forward pass (images spliced in), then
-decoded through the language model's KV cache. Each row keeps its own positions
-(counting real tokens only), so a row generates exactly what it would alone.
+Prompts are padded to a common length and prefilled in one forward pass (images spliced
+in), then decoded through the language model's KV cache. Each row keeps its own positions
+(counting real tokens only), so a row generates exactly what it would alone. A prefix
+that every prompt starts with (the template's system prompt) is prefilled once and
+copied to every row, and the padding goes after it, where the rows start to differ.
 
 Rows leave as soon as they finish (their cache rows are dropped), and new prompts can
 join a running batch between steps (`add`): they are prefilled on their own and their

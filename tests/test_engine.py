@@ -182,6 +182,18 @@ def test_image_features_are_computed_once(tokenizer):
     assert calls == [1] and c == a
 
 
+def test_without_an_image_cache_images_are_neither_hashed_nor_kept(tokenizer, monkeypatch):
+    model, tok = make_model(tokenizer)
+    eng = Engine(LoadedModel(model, tok), image_cache_size=0)
+    calls = []
+    orig = model.encode_images
+    model.encode_images = lambda px: (calls.append(px.shape[0]), orig(px))[1]
+    monkeypatch.setattr("vistune.infer.engine.image_key", lambda im: pytest.fail("hashed an image for no cache"))
+    p, cfg = Prompt.ask("what is it?", [noise_image(7)]), GenerationConfig(max_new_tokens=2)
+    assert eng.generate([p], cfg) == eng.generate([p], cfg)
+    assert calls == [1, 1] and len(eng.image_cache) == 0
+
+
 def test_seeded_sampling_is_reproducible(engine):
     prompts = mixed_prompts()[:3]
     cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=123)

@@ -135,8 +135,8 @@ class Engine:
             if isinstance(im, torch.Tensor) and im.dim() == 2:
                 out[i] = im.to(self.device)
                 continue
-            key = image_key(im)
-            cached = self.image_cache.get(key)
+            key = image_key(im) if self.image_cache.capacity > 0 else None  # hashing pixels is not free
+            cached = self.image_cache.get(key) if key is not None else None
             if cached is not None:
                 out[i] = cached
                 continue

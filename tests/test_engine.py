@@ -180,6 +180,11 @@ def test_image_features_are_computed_once(tokenizer):
     # Projected embeddings passed in directly skip the vision tower and give the same answer.
     c = eng.generate([Prompt.ask("what is it?", [eng.image_embeds([img])[0]])], cfg)
     assert calls == [1] and c == a
+    # Within one batch too: two questions about one new picture encode it once.
+    other = noise_image(8)
+    eng.generate([Prompt.ask("what is it?", [other]), Prompt.ask("and this?", [img]),
+                  Prompt.ask("what colour is it?", [other.copy()])], cfg)
+    assert calls == [1, 1]
 
 
 def test_without_an_image_cache_images_are_neither_hashed_nor_kept(tokenizer, monkeypatch):
@@ -192,6 +197,8 @@ def test_without_an_image_cache_images_are_neither_hashed_nor_kept(tokenizer, mo
     p, cfg = Prompt.ask("what is it?", [noise_image(7)]), GenerationConfig(max_new_tokens=2)
     assert eng.generate([p], cfg) == eng.generate([p], cfg)
     assert calls == [1, 1] and len(eng.image_cache) == 0
+    eng.generate([p, Prompt.ask("and the colour?", p.images)], cfg)  # the very same object: known without hashing
+    assert calls == [1, 1, 1]
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -316,9 +323,38 @@ def test_a_common_prefix_is_prefilled_once(engine):
     assert batched == [engine.generate([same[0]], GenerationConfig(max_new_tokens=6))[0]] * 3
 
 
+def test_a_common_image_is_part_of_the_shared_prefix(engine):
+    img = noise_image(4)
+    prompts = [Prompt.ask(q, [im]) for q, im in [("what is it?", img), ("describe the colours in detail", img.copy()),
+                                                 ("how many?", img), ("what is it?", noise_image(5))]]
+    ids = [engine.encode(p).input_ids for p in prompts]
+    before_image = ids[0].index(engine.image_token_id)
+    through_image = next(i for i in range(len(ids[0])) if len({tuple(x[: i + 1]) for x in ids[:3]}) > 1)
+    assert through_image > before_image + engine.num_image_tokens  # the image and the line break after it
+    cfg = GenerationConfig(max_new_tokens=8)
+    alone = [_lm_calls(engine, [p], GenerationConfig(max_new_tokens=1))[1][0][0] for p in prompts]
+    # Three questions about one picture share it; a fourth, about another picture, stops the prefix before it.
+    for batch, shared in ((prompts[:3], through_image), (prompts, before_image)):
+        seen, logits, batched = _lm_calls(engine, batch, cfg)
+        assert seen[:2] == [(1, shared), (len(batch), max(len(ids[i]) for i in range(len(batch))) - shared)]
+        torch.testing.assert_close(logits[1], torch.stack(alone[: len(batch)]), atol=1e-4, rtol=1e-4)
+        assert batched == [engine.generate([p], cfg)[0] for p in batch]
+
+
 def test_a_short_common_prefix_is_not_split_off(engine):
     # Two prompts with different system prompts share little more than BOS: one plain prefill.
     prompts = [mixed_prompts()[0], mixed_prompts()[4]]
     seen, _, batched = _lm_calls(engine, prompts, GenerationConfig(max_new_tokens=4))
     assert seen[0] == (2, max(len(engine.encode(p).input_ids) for p in prompts))
     assert batched == [engine.generate([p], GenerationConfig(max_new_tokens=4))[0] for p in prompts]
+
+
+def test_a_shared_prefix_never_splits_an_image(engine):
+    run = engine.start([Prompt.ask("hi")], GenerationConfig(max_new_tokens=1))
+    img, t = engine.image_token_id, engine.num_image_tokens
+    embeds = [torch.ones(1, t, 8), torch.ones(1, t, 8)]
+    # The second prompt ends inside the image: its last token must stay its own, so the image stays out.
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t], embeds) == (60, 0)
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]], embeds) == (60 + t, 1)
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]],
+                              [embeds[0], embeds[1] * 2]) == (60, 0)  # another picture

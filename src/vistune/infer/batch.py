@@ -139,8 +139,12 @@ class BatchRun:
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         capacity = width + max(r.max_new for r in rows)
+        embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
+        row_embeds = list(embeds.split([len(r.prompt.images) for r in rows])) if embeds is not None else None
+        for r in rows:
+            r.prompt = None
         cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
-        shared = self._shared_prefix(prompts) if cache is not None else 0
+        shared, shared_images = self._shared_prefix(prompts, row_embeds) if cache is not None else (0, 0)
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
         # when nothing is shared): the padding sits where the rows start to differ.
@@ -155,15 +159,16 @@ class BatchRun:
         padded = min(lengths) != width
         # Positions count real tokens only: each row sees the positions it would see alone.
         pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
-        for r in rows:
-            r.prompt = None
         if shared:
-            # The common prefix (the system prompt) goes through the model once; every row gets a copy
-            # of its keys and values, which are exactly what the row would have computed itself.
+            # The common prefix (system prompt, and an image every row asks about) goes through the model
+            # once; every row gets a copy of its keys and values, exactly what it would have computed itself.
             eng.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache,
+                      image_embeds=row_embeds[0][:shared_images] if shared_images else None,
                       use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(rows))
+            if shared_images:
+                rest = [e[shared_images:] for e in row_embeds]
+                embeds = torch.cat(rest) if any(len(e) for e in rest) else None
         out = eng.model(input_ids=ids[:, shared:], attention_mask=mask[:, :width] if padded else None,
                         position_ids=pos[:, shared:], image_embeds=embeds, past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
@@ -174,18 +179,27 @@ class BatchRun:
         state = _State(out.past_key_values, mask if padded else None, width, pos[:, -1:], history)
         return state, out.logits[:, -1]
 
-    def _shared_prefix(self, prompts: list[list[int]]) -> int:
-        """How many leading tokens every prompt has in common, up to the first image (rows may hold
-        different images there) and leaving each row at least one token of its own; 0 when too
-        few tokens would be saved to pay for the extra forward pass."""
+    def _shared_prefix(self, prompts: list[list[int]], row_embeds: list[torch.Tensor] | None) -> tuple[int, int]:
+        """(tokens, images) at the start of every prompt: the same token ids and, where they are image
+        tokens, the same image in every row; a whole number of images, and at least one token of its
+        own left to each row. (0, 0) when too few tokens would be saved to pay for the extra forward pass."""
         if len(prompts) < 2:
-            return 0
-        first, image = prompts[0], self.engine.image_token_id
+            return 0, 0
+        first, image, per_image = prompts[0], self.engine.image_token_id, self.engine.num_image_tokens
         limit = min(len(p) for p in prompts) - 1
-        n = 0
-        while n < limit and first[n] != image and all(p[n] == first[n] for p in prompts):
+        n = n_image_tokens = 0
+        while n < limit and all(p[n] == first[n] for p in prompts):
+            if first[n] == image:
+                k, starts = divmod(n_image_tokens, per_image)
+                if starts == 0 and not all(e[k] is row_embeds[0][k] or torch.equal(e[k], row_embeds[0][k])
+                                           for e in row_embeds):
+                    break
+                n_image_tokens += 1
             n += 1
-        return n if n * (len(prompts) - 1) >= MIN_SHARED_SAVING else 0
+        n -= n_image_tokens % per_image  # never split an image
+        if n * (len(prompts) - 1) < MIN_SHARED_SAVING:
+            return 0, 0
+        return n, n_image_tokens // per_image
 
     def _decode(self, tokens: list[int]) -> torch.Tensor | None:
         eng, st = self.engine, self._state

@@ -191,8 +191,7 @@ class BatchRun:
         while n < limit and all(p[n] == first[n] for p in prompts):
             if first[n] == image:
                 k, starts = divmod(n_image_tokens, per_image)
-                if starts == 0 and not all(e[k] is row_embeds[0][k] or torch.equal(e[k], row_embeds[0][k])
-                                           for e in row_embeds):
+                if starts == 0 and not all(torch.equal(e[k], row_embeds[0][k]) for e in row_embeds):
                     break
                 n_image_tokens += 1
             n += 1

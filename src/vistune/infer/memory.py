@@ -12,7 +12,6 @@ from the heap, and up to 256 MB of free heap stays mapped.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 # mallopt parameters (glibc malloc.h).
@@ -33,8 +32,8 @@ def keep_freed_memory() -> bool:
         _done = False
         if sys.platform.startswith("linux"):
             try:
-                mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+                mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+            except (OSError, AttributeError):
                 return False
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -83,8 +83,9 @@ def test_eager_attention_gets_the_same_tokens(engine, tokenizer):
     model.language_model.set_attn_implementation("eager")
     eager = Engine(LoadedModel(model, tok))
     assert engine._mask_4d and not eager._mask_4d
-    prompts, cfg = mixed_prompts(), GenerationConfig(max_new_tokens=10)
-    assert eager.generate(prompts, cfg) == engine.generate(prompts, cfg)
+    cfg = GenerationConfig(max_new_tokens=10)
+    for prompts in (mixed_prompts(), mixed_prompts()[:4]):  # the second shares its system prompt
+        assert eager.generate(prompts, cfg) == engine.generate(prompts, cfg)
 
 
 def test_stream_adds_up_to_generate(engine):
@@ -180,6 +181,25 @@ def test_image_features_are_computed_once(tokenizer):
     # Projected embeddings passed in directly skip the vision tower and give the same answer.
     c = eng.generate([Prompt.ask("what is it?", [eng.image_embeds([img])[0]])], cfg)
     assert calls == [1] and c == a
+    # Within one batch too: two questions about one new picture encode it once.
+    other = noise_image(8)
+    eng.generate([Prompt.ask("what is it?", [other]), Prompt.ask("and this?", [img]),
+                  Prompt.ask("what colour is it?", [other.copy()])], cfg)
+    assert calls == [1, 1]
+
+
+def test_without_an_image_cache_images_are_neither_hashed_nor_kept(tokenizer, monkeypatch):
+    model, tok = make_model(tokenizer)
+    eng = Engine(LoadedModel(model, tok), image_cache_size=0)
+    calls = []
+    orig = model.encode_images
+    model.encode_images = lambda px: (calls.append(px.shape[0]), orig(px))[1]
+    monkeypatch.setattr("vistune.infer.engine.image_key", lambda im: pytest.fail("hashed an image for no cache"))
+    p, cfg = Prompt.ask("what is it?", [noise_image(7)]), GenerationConfig(max_new_tokens=2)
+    assert eng.generate([p], cfg) == eng.generate([p], cfg)
+    assert calls == [1, 1] and len(eng.image_cache) == 0
+    eng.generate([p, Prompt.ask("and the colour?", p.images)], cfg)  # the very same object: known without hashing
+    assert calls == [1, 1, 1]
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -262,3 +282,80 @@ def test_a_batch_that_keeps_taking_newcomers_stays_short(engine):
     longest_prompt = max(engine.encode(p).input_ids.__len__() for p in prompts)
     assert max(lengths) <= longest_prompt + 12  # no padding piles up on the left
     assert run.completions == [engine.generate([prompts[i % 5]], cfg)[0] for i in range(len(added))]
+
+
+def _lm_calls(engine: Engine, prompts: list[Prompt], cfg: GenerationConfig) -> tuple[list, list, list[Completion]]:
+    """(batch, length) of every language-model call while generating, each call's last-position
+    logits, and the completions."""
+    seen: list[tuple[int, int]] = []
+    logits: list[torch.Tensor] = []
+
+    def record(_module, _args, kw, out):
+        x = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw["input_ids"]
+        seen.append(tuple(x.shape[:2]))
+        logits.append(out.logits[:, -1].clone())
+
+    hook = engine.lm.register_forward_hook(record, with_kwargs=True)
+    try:
+        out = engine.generate(prompts, cfg)
+    finally:
+        hook.remove()
+    return seen, logits, out
+
+
+def test_a_common_prefix_is_prefilled_once(engine):
+    # Same system prompt, different questions, images and lengths (one prompt twice).
+    prompts = mixed_prompts()[:4] + [mixed_prompts()[1]]
+    ids = [engine.encode(p).input_ids for p in prompts]
+    shared = next(i for i in range(len(ids[0])) if len({tuple(x[: i + 1]) for x in ids}) > 1)
+    assert shared >= 16 and all(engine.image_token_id not in x[:shared] for x in ids)
+    alone = [_lm_calls(engine, [p], GenerationConfig(max_new_tokens=1))[1][0][0] for p in prompts]
+    for cfg in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, repetition_penalty=1.5)):
+        seen, logits, batched = _lm_calls(engine, prompts, cfg)
+        # The prefix once for the batch, then every row's own part, padded to the longest.
+        assert seen[:2] == [(1, shared), (5, max(map(len, ids)) - shared)]
+        torch.testing.assert_close(logits[1], torch.stack(alone), atol=1e-4, rtol=1e-4)
+        assert batched == [engine.generate([p], cfg)[0] for p in prompts]
+    # Identical prompts share all but their last token, which each row still prefills itself.
+    same = [Prompt.ask("what color is the circle?")] * 3
+    n = len(engine.encode(same[0]).input_ids)
+    seen, _, batched = _lm_calls(engine, same, GenerationConfig(max_new_tokens=6))
+    assert seen[:2] == [(1, n - 1), (3, 1)]
+    assert batched == [engine.generate([same[0]], GenerationConfig(max_new_tokens=6))[0]] * 3
+
+
+def test_a_common_image_is_part_of_the_shared_prefix(engine):
+    img = noise_image(4)
+    prompts = [Prompt.ask(q, [im]) for q, im in [("what is it?", img), ("describe the colours in detail", img.copy()),
+                                                 ("how many?", img), ("what is it?", noise_image(5))]]
+    ids = [engine.encode(p).input_ids for p in prompts]
+    before_image = ids[0].index(engine.image_token_id)
+    through_image = next(i for i in range(len(ids[0])) if len({tuple(x[: i + 1]) for x in ids[:3]}) > 1)
+    assert through_image > before_image + engine.num_image_tokens  # the image and the line break after it
+    cfg = GenerationConfig(max_new_tokens=8)
+    alone = [_lm_calls(engine, [p], GenerationConfig(max_new_tokens=1))[1][0][0] for p in prompts]
+    # Three questions about one picture share it; a fourth, about another picture, stops the prefix before it.
+    for batch, shared in ((prompts[:3], through_image), (prompts, before_image)):
+        seen, logits, batched = _lm_calls(engine, batch, cfg)
+        assert seen[:2] == [(1, shared), (len(batch), max(len(ids[i]) for i in range(len(batch))) - shared)]
+        torch.testing.assert_close(logits[1], torch.stack(alone[: len(batch)]), atol=1e-4, rtol=1e-4)
+        assert batched == [engine.generate([p], cfg)[0] for p in batch]
+
+
+def test_a_short_common_prefix_is_not_split_off(engine):
+    # Two prompts with different system prompts share little more than BOS: one plain prefill.
+    prompts = [mixed_prompts()[0], mixed_prompts()[4]]
+    seen, _, batched = _lm_calls(engine, prompts, GenerationConfig(max_new_tokens=4))
+    assert seen[0] == (2, max(len(engine.encode(p).input_ids) for p in prompts))
+    assert batched == [engine.generate([p], GenerationConfig(max_new_tokens=4))[0] for p in prompts]
+
+
+def test_a_shared_prefix_never_splits_an_image(engine):
+    run = engine.start([Prompt.ask("hi")], GenerationConfig(max_new_tokens=1))
+    img, t = engine.image_token_id, engine.num_image_tokens
+    embeds = [torch.ones(1, t, 8), torch.ones(1, t, 8)]
+    # The second prompt ends inside the image: its last token must stay its own, so the image stays out.
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t], embeds) == (60, 0)
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]], embeds) == (60 + t, 1)
+    assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]],
+                              [embeds[0], embeds[1] * 2]) == (60, 0)  # another picture

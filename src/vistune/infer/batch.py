@@ -1,8 +1,10 @@
 """One batch of sequences decoded together, one token per step.
 
-Prompts are left-padded and prefilled in one forward pass (images spliced in), then
-decoded through the language model's KV cache. Each row keeps its own positions
-(counting real tokens only), so a row generates exactly what it would alone.
+Prompts are padded to a common length and prefilled in one forward pass (images spliced
+in), then decoded through the language model's KV cache. Each row keeps its own positions
+(counting real tokens only), so a row generates exactly what it would alone. A prefix
+that every prompt starts with (the template's system prompt) is prefilled once and
+copied to every row, and the padding goes after it, where the rows start to differ.
 
 Rows leave as soon as they finish (their cache rows are dropped), and new prompts can
 join a running batch between steps (`add`): they are prefilled on their own and their
@@ -23,6 +25,10 @@ from .types import Completion, EncodedPrompt, GenerationConfig
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+# Prefill a common prompt prefix once only when that spares at least this many token positions:
+# below it, the extra forward pass costs about what it saves.
+MIN_SHARED_SAVING = 48
 
 
 class _Row:
@@ -129,31 +135,70 @@ class BatchRun:
 
     def _prefill(self, rows: list[_Row]) -> tuple[_State, torch.Tensor]:
         eng, dev = self.engine, self.engine.device
-        lengths = [r.prompt_tokens for r in rows]
+        prompts = [r.prompt.input_ids for r in rows]
+        lengths = [len(p) for p in prompts]
         width = max(lengths)
         capacity = width + max(r.max_new for r in rows)
+        embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
+        row_embeds = list(embeds.split([len(r.prompt.images) for r in rows])) if embeds is not None else None
+        for r in rows:
+            r.prompt = None
+        cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
+        shared, shared_images = self._shared_prefix(prompts, row_embeds) if cache is not None else (0, 0)
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
+        # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
+        # when nothing is shared): the padding sits where the rows start to differ.
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.ones((len(rows), capacity), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt.input_ids)
-            mask[i, : width - lengths[i]] = False
+        for i, p in enumerate(prompts):
+            gap = width - lengths[i]
+            ids[i, :shared] = torch.tensor(p[:shared])
+            ids[i, shared + gap:] = torch.tensor(p[shared:])
+            mask[i, shared:shared + gap] = False
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != width
         # Positions count real tokens only: each row sees the positions it would see alone.
         pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
-        for r in rows:
-            r.prompt = None
-        cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
-        out = eng.model(input_ids=ids, attention_mask=mask[:, :width] if padded else None, position_ids=pos,
-                        image_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if shared:
+            # The common prefix (system prompt, and an image every row asks about) goes through the model
+            # once; every row gets a copy of its keys and values, exactly what it would have computed itself.
+            eng.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache,
+                      image_embeds=row_embeds[0][:shared_images] if shared_images else None,
+                      use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(rows))
+            if shared_images:
+                rest = [e[shared_images:] for e in row_embeds]
+                embeds = torch.cat(rest) if any(len(e) for e in rest) else None
+        out = eng.model(input_ids=ids[:, shared:], attention_mask=mask[:, :width] if padded else None,
+                        position_ids=pos[:, shared:], image_embeds=embeds, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
         history = None
         if self._penalised:
-            first_real = ids.gather(1, (width - torch.tensor(lengths, device=dev))[:, None])
+            first_real = ids.gather(1, mask[:, :width].int().argmax(1, keepdim=True))
             history = torch.where(mask[:, :width], ids, first_real)
         state = _State(out.past_key_values, mask if padded else None, width, pos[:, -1:], history)
         return state, out.logits[:, -1]
+
+    def _shared_prefix(self, prompts: list[list[int]], row_embeds: list[torch.Tensor] | None) -> tuple[int, int]:
+        """(tokens, images) at the start of every prompt: the same token ids and, where they are image
+        tokens, the same image in every row; a whole number of images, and at least one token of its
+        own left to each row. (0, 0) when too few tokens would be saved to pay for the extra forward pass."""
+        if len(prompts) < 2:
+            return 0, 0
+        first, image, per_image = prompts[0], self.engine.image_token_id, self.engine.num_image_tokens
+        limit = min(len(p) for p in prompts) - 1
+        n = n_image_tokens = 0
+        while n < limit and all(p[n] == first[n] for p in prompts):
+            if first[n] == image:
+                k, starts = divmod(n_image_tokens, per_image)
+                if starts == 0 and not all(torch.equal(e[k], row_embeds[0][k]) for e in row_embeds):
+                    break
+                n_image_tokens += 1
+            n += 1
+        n -= n_image_tokens % per_image  # never split an image
+        if n * (len(prompts) - 1) < MIN_SHARED_SAVING:
+            return 0, 0
+        return n, n_image_tokens // per_image
 
     def _decode(self, tokens: list[int]) -> torch.Tensor | None:
         eng, st = self.engine, self._state

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -23,6 +23,7 @@ from ..text.encode import EncodingError, encode_conversation
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
+from .memory import keep_freed_memory
 from .types import (
     Completion,
     EncodedPrompt,
@@ -65,6 +66,7 @@ class Engine:
         self._mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
+        keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -124,28 +126,36 @@ class Engine:
 
     # -- images ----------------------------------------------------------------
     def image_embeds(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
-        """(n, num_image_tokens, hidden) projected embeddings; each distinct image encoded once."""
+        """(n, num_image_tokens, hidden) projected embeddings; each distinct image encoded once, also
+        within one call (a batch of questions about one picture)."""
         if not images:
             return None
         out: list[torch.Tensor | None] = [None] * len(images)
-        todo: list[tuple[int, object, torch.Tensor]] = []
+        caching = self.image_cache.capacity > 0
+        todo: dict[Hashable, list[int]] = {}  # each image to encode, with the slots it fills
+        pixels: list[torch.Tensor] = []
         for i, im in enumerate(images):
             if isinstance(im, torch.Tensor) and im.dim() == 2:
                 out[i] = im.to(self.device)
                 continue
-            key = image_key(im)
-            cached = self.image_cache.get(key)
+            # Hashing pixels is not free: without a cache, only the very same object counts as the same image.
+            key = image_key(im) if caching else id(im)
+            cached = self.image_cache.get(key) if caching else None
             if cached is not None:
                 out[i] = cached
                 continue
-            pixels = self.loaded.pixels(im) if isinstance(im, Image.Image) else im
-            todo.append((i, key, pixels))
+            if key not in todo:
+                todo[key] = []
+                pixels.append(self.loaded.pixels(im) if isinstance(im, Image.Image) else im)
+            todo[key].append(i)
         if todo:
             with torch.inference_mode():
-                embeds = self.model.encode_images(torch.stack([p for _, _, p in todo]).to(self.device))
-            for (i, key, _), e in zip(todo, embeds):
-                self.image_cache.put(key, e)
-                out[i] = e
+                embeds = self.model.encode_images(torch.stack(pixels).to(self.device))
+            for (key, slots), e in zip(todo.items(), embeds):
+                if caching:
+                    self.image_cache.put(key, e)
+                for i in slots:
+                    out[i] = e
         return torch.stack(out)  # type: ignore[arg-type]
 
     # -- generation ------------------------------------------------------------

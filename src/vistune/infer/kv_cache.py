@@ -45,6 +45,12 @@ class PreallocatedLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Copy every row ``repeats`` times (a prefix prefilled once, shared by a batch)."""
+        if self.is_initialized:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
     def trim_left(self, n: int) -> None:
         """Forget the first ``n`` positions (padding of every row); a view, nothing is copied."""
         if self.is_initialized and n > 0:

@@ -1,0 +1,40 @@
+"""Keeping freed activation memory in the process instead of handing it back to the OS.
+
+PyTorch allocates CPU tensors with plain malloc. glibc serves blocks of a few MB
+with fresh mmap pages, or returns the top of its heap to the OS as soon as enough
+is free, so a batch's activations (a (8, 87, 1024) MLP tensor is 2.8 MB) come back
+as new pages at every layer of every prefill, each page faulting on first touch:
+measured 8,200 page faults and ~10 % of a batch-8 prefill on this CPU, none at
+batch 1, whose tensors stay small. An inference process reuses the same sizes step
+after step, so it keeps them, as jemalloc or tcmalloc would: blocks up to 32 MB come
+from the heap, and up to 256 MB of free heap stays mapped.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (glibc malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
+TRIM_THRESHOLD = 256 << 20
+
+_done: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc for repeated same-sized activations (once per process); False where
+    the C library is not glibc (the setting is then left alone)."""
+    global _done
+    if _done is None:
+        _done = False
+        if sys.platform.startswith("linux"):
+            try:
+                mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _done

@@ -1,4 +1,6 @@
 import importlib.util
+import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.model.checkpoint import load_model
 from vistune.train import ConfigError, run
 from vistune.model.adapters import is_adapter_dir, load_adapter_model
-from vistune.train.lora import merge_lora
+from vistune.train.lora import merge_lora, save_adapter_run
 from vistune.train.stages import apply_modes, build_model
 
 
@@ -99,3 +101,22 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_data, base_model_dir, 
     model, _ = build_model(cfg)
     with pytest.raises(ConfigError, match=r"lora.bits=4 \(QLoRA\) needs bitsandbytes.*pip install bitsandbytes"):
         apply_modes(model, cfg)
+
+
+def test_lora_run_with_its_own_base_survives_a_move(tiny_data, base_model_dir, tmp_path):
+    cfg = lora_config(tiny_data, base_model_dir, tmp_path)
+    model, tok = build_model(cfg)
+    apply_modes(model, cfg)
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_model_dir, run_dir / "base")  # as a run without model.from writes it
+    save_adapter_run(model, tok, run_dir / "model", run_dir / "base", {"llm": "lora"})
+    assert json.loads((run_dir / "model" / "config.json").read_text())["adapter"]["base"] == "../base"
+    elsewhere = save_adapter_run(model, tok, tmp_path / "other" / "model", base_model_dir, {"llm": "lora"})
+    assert json.loads((elsewhere / "config.json").read_text())["adapter"]["base"] == str(base_model_dir.resolve())
+
+    shutil.move(run_dir, tmp_path / "moved")
+    loaded = vistune.load(tmp_path / "moved" / "model")
+    ids = torch.tensor([[tok.bos_token_id or 1, 5, 6, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(loaded.model(ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,8 @@ weights trained beside them (the projector, ...).
 A LoRA run's ``OUTPUT_DIR/model/`` is an *adapter directory*:
 
     config.json                         the model's VLMConfig plus an "adapter" entry
-                                        (base model directory, module modes, format)
+                                        (base model directory, module modes, format);
+                                        a base inside the run is named relative to here
     llm_adapter/, vision_adapter/       peft adapters (adapter_config.json + safetensors)
     non_lora_trainables.safetensors     fully trained weights (the projector, ...), under
                                         the model's own names (projector.0.weight, ...)
@@ -66,7 +67,7 @@ def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, Pre
     info = cfg["adapter"]
     if info.get("format", 1) > ADAPTER_FORMAT:
         raise ValueError(f"{path}: adapter format {info['format']} is newer than this vistune reads")
-    base = Path(info["base"])
+    base = path / info["base"]  # relative: inside the run (an absolute path stays as it is)
     if not base.exists():
         raise FileNotFoundError(f"{path}: base model directory {base} is missing (the adapters apply to it)")
     model, _ = load_model(base, dtype=torch.float32)

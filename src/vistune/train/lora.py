@@ -79,8 +79,13 @@ def save_adapter_run(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerB
                      base: str | os.PathLike, modes: dict[str, str]) -> Path:
     """Write a LoRA run's model directory (atomically)."""
     path = Path(path)
+    base = Path(base).resolve()
+    run_dir = path.resolve().parent
+    # A base written into the run (OUTPUT_DIR/base) is named relative to the adapters, so the
+    # run can be moved or copied whole; a base elsewhere (model.from) keeps its absolute path.
+    where = os.path.relpath(base, path.resolve()) if base.is_relative_to(run_dir) else str(base)
     cfg = model.config.to_dict()
-    cfg["adapter"] = {"format": ADAPTER_FORMAT, "base": str(Path(base).resolve()), "modules": modes}
+    cfg["adapter"] = {"format": ADAPTER_FORMAT, "base": where, "modules": modes}
     with atomic_directory(path) as tmp:
         write_json(tmp / CONFIG_NAME, cfg)
         for part, sub in ADAPTER_DIRS.items():

@@ -6,7 +6,9 @@
    carrying the same weights (vision_tower <- vision.model, multi_modal_projector.linear_1/2
    <- projector.0/2, language_model / lm_head <- language_model). Both decode the same
    prompts greedily (one image each, KV cache) at batch 1 and batch 8; their tokens
-   must agree, and tokens/s are compared in one run.
+   must agree. The four cases (batch 1 and 8, each system) run round robin, each timed
+   warm (after an untimed call of its own) once per round, and the medians are compared,
+   so machine-load drift hits every case alike.
 2. `vistune serve` in a subprocess, hit by 1 and then 8 concurrent OpenAI clients:
    completion tokens/s of the server.
 
@@ -123,18 +125,20 @@ def hf_inputs(engine: Engine, prompts: list[Prompt]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def time_pair(fn_a, fn_b, repeats: int) -> tuple[float, float, object, object]:
-    """Median seconds of two functions, run alternately so that load on a shared machine hits both alike."""
-    fn_a(), fn_b()  # warm-up
-    ta, tb = [], []
+def time_round_robin(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median seconds of each function, all run in the same rounds, so that a shared machine's
+    load drifts hit batch 1 and batch 8, vistune and transformers alike. In each round every
+    case first runs once untimed: it is timed warm, as in a steady stream of its own calls,
+    not with the caches the previous case left behind."""
+    outs = {k: fn() for k, fn in fns.items()}  # warm-up
+    times: dict = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out_a = fn_a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out_b = fn_b()
-        tb.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), out_a, out_b
+        for k, fn in fns.items():
+            fn()
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
 def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
@@ -144,20 +148,19 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
     suppress = engine._suppress
     cfg = GenerationConfig(max_new_tokens=new_tokens)
     out: dict = {"params": sum(p.numel() for p in loaded.model.parameters()), "new_tokens": new_tokens}
+    fns, inputs, firsts = {}, {}, {}
     for bs in (1, 8):
         prompts = [Prompt.ask(QUESTIONS[i % len(QUESTIONS)], [im]) for i, im in enumerate(images(bs))]
-        inputs = hf_inputs(engine, prompts)
+        inputs[bs] = hf_inputs(engine, prompts)
         # Both sides start from token ids and pixels; both run the vision tower every time.
         encoded = [engine.encode(Prompt(p.turns, [engine.loaded.pixels(im) for im in p.images])) for p in prompts]
+        firsts[bs] = []
 
-        def run_hf():
+        def run_hf(x=inputs[bs]):
             with torch.inference_mode():
-                return hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                   suppress_tokens=suppress)
+                return hf.generate(**x, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=suppress)
 
-        firsts: list[float] = []
-
-        def run_vistune():
+        def run_vistune(encoded=encoded, firsts=firsts[bs]):
             # engine.generate, with the first step (vision tower + prefill + first token) timed apart.
             run = engine.start(encoded, cfg)
             steps = iter(run)
@@ -168,13 +171,16 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
                 pass
             return run.completions
 
-        t_hf, t_vt, hf_out, vt_out = time_pair(run_hf, run_vistune, repeats)
-        hf_texts = [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-                    for row in hf_out]
+        fns[("hf", bs)], fns[("vistune", bs)] = run_hf, run_vistune
+    times, outs = time_round_robin(fns, repeats)
+    for bs in (1, 8):
+        t_hf, t_vt, hf_out, vt_out = times[("hf", bs)], times[("vistune", bs)], outs[("hf", bs)], outs[("vistune", bs)]
+        width = inputs[bs]["input_ids"].shape[1]
+        hf_texts = [tok.decode(row[width:], skip_special_tokens=True).strip() for row in hf_out]
         agree = sum(a == c.text for a, c in zip(hf_texts, vt_out))
-        n_hf = int(((hf_out[:, inputs["input_ids"].shape[1]:] != tok.pad_token_id)).sum())
+        n_hf = int(((hf_out[:, width:] != tok.pad_token_id)).sum())
         n_vt = sum(c.completion_tokens for c in vt_out)
-        first = statistics.median(firsts[1:])  # without the warm-up
+        first = statistics.median(firsts[bs][2::2])  # the timed calls: after the warm-up, every second
         decode_steps = max(c.completion_tokens for c in vt_out) - 1
         out[f"batch{bs}"] = {
             "hf_tokens_per_s": n_hf / t_hf, "vistune_tokens_per_s": n_vt / t_vt,

@@ -309,18 +309,20 @@ def test_a_common_prefix_is_prefilled_once(engine):
     ids = [engine.encode(p).input_ids for p in prompts]
     shared = next(i for i in range(len(ids[0])) if len({tuple(x[: i + 1]) for x in ids}) > 1)
     assert shared >= 16 and all(engine.image_token_id not in x[:shared] for x in ids)
+    stored = len(engine.template_prefix.ids)  # of the prefix, the system prompt is stored, not computed
+    assert 0 < stored < shared
     alone = [_lm_calls(engine, [p], GenerationConfig(max_new_tokens=1))[1][0][0] for p in prompts]
     for cfg in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, repetition_penalty=1.5)):
         seen, logits, batched = _lm_calls(engine, prompts, cfg)
         # The prefix once for the batch, then every row's own part, padded to the longest.
-        assert seen[:2] == [(1, shared), (5, max(map(len, ids)) - shared)]
+        assert seen[:2] == [(1, shared - stored), (5, max(map(len, ids)) - shared)]
         torch.testing.assert_close(logits[1], torch.stack(alone), atol=1e-4, rtol=1e-4)
         assert batched == [engine.generate([p], cfg)[0] for p in prompts]
     # Identical prompts share all but their last token, which each row still prefills itself.
     same = [Prompt.ask("what color is the circle?")] * 3
     n = len(engine.encode(same[0]).input_ids)
     seen, _, batched = _lm_calls(engine, same, GenerationConfig(max_new_tokens=6))
-    assert seen[:2] == [(1, n - 1), (3, 1)]
+    assert seen[:2] == [(1, n - 1 - stored), (3, 1)]
     assert batched == [engine.generate([same[0]], GenerationConfig(max_new_tokens=6))[0]] * 3
 
 
@@ -337,8 +339,11 @@ def test_a_common_image_is_part_of_the_shared_prefix(engine):
     # Three questions about one picture share it; a fourth, about another picture, stops the prefix before it.
     for batch, shared in ((prompts[:3], through_image), (prompts, before_image)):
         seen, logits, batched = _lm_calls(engine, batch, cfg)
-        assert seen[:2] == [(1, shared), (len(batch), max(len(ids[i]) for i in range(len(batch))) - shared)]
-        torch.testing.assert_close(logits[1], torch.stack(alone[: len(batch)]), atol=1e-4, rtol=1e-4)
+        own = (len(batch), max(len(ids[i]) for i in range(len(batch))) - shared)
+        stored = len(engine.template_prefix.ids)
+        prefix_calls = [(1, shared - stored)] if shared > stored else []  # the stored part is not computed
+        assert seen[: len(prefix_calls) + 1] == prefix_calls + [own]
+        torch.testing.assert_close(logits[len(prefix_calls)], torch.stack(alone[: len(batch)]), atol=1e-4, rtol=1e-4)
         assert batched == [engine.generate([p], cfg)[0] for p in batch]
 
 
@@ -359,3 +364,20 @@ def test_a_shared_prefix_never_splits_an_image(engine):
     assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]], embeds) == (60 + t, 1)
     assert run._shared_prefix([[1] * 60 + [img] * t + [7], [1] * 60 + [img] * t + [8]],
                               [embeds[0], embeds[1] * 2]) == (60, 0)  # another picture
+
+
+def test_the_template_prefix_is_prefilled_once_per_engine(tokenizer):
+    model, tok = make_model(tokenizer)
+    engine, plain = Engine(LoadedModel(model, tok)), Engine(LoadedModel(model, tok))
+    plain.template_prefix = None  # the reference: every prompt prefilled whole
+    stored = engine.template_prefix.ids
+    cfg = GenerationConfig(max_new_tokens=8)
+    for prompt in mixed_prompts():
+        ids = engine.encode(prompt).input_ids
+        uses = ids[: len(stored)] == stored
+        assert uses == (prompt.system is None)  # another system prompt starts otherwise
+        seen, logits, out = _lm_calls(engine, [prompt], cfg)
+        _, ref_logits, ref = _lm_calls(plain, [prompt], cfg)
+        assert seen[0] == (1, len(ids) - len(stored) if uses else len(ids))
+        torch.testing.assert_close(logits[0], ref_logits[0], atol=1e-4, rtol=1e-4)
+        assert out == ref

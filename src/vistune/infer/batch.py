@@ -145,6 +145,13 @@ class BatchRun:
             r.prompt = None
         cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
         shared, shared_images = self._shared_prefix(prompts, row_embeds) if cache is not None else (0, 0)
+        # The template's system prompt, prefilled once per engine, starts every default prompt.
+        stored = eng.template_prefix if cache is not None else None
+        n_stored = 0
+        if stored is not None and all(len(p) > len(stored.ids) and p[: len(stored.ids)] == stored.ids for p in prompts):
+            n_stored = len(stored.ids)
+            if shared < n_stored:
+                shared, shared_images = n_stored, 0
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
         # when nothing is shared): the padding sits where the rows start to differ.
@@ -162,9 +169,14 @@ class BatchRun:
         if shared:
             # The common prefix (system prompt, and an image every row asks about) goes through the model
             # once; every row gets a copy of its keys and values, exactly what it would have computed itself.
-            eng.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache,
-                      image_embeds=row_embeds[0][:shared_images] if shared_images else None,
-                      use_cache=True, logits_to_keep=1)
+            # Of it, the stored system prompt is copied in, not computed.
+            if n_stored:
+                for layer, (k, v) in zip(cache.layers, stored.kv):
+                    layer.update(k, v)
+            if shared > n_stored:
+                eng.model(input_ids=ids[:1, n_stored:shared], position_ids=pos[:1, n_stored:shared],
+                          past_key_values=cache, image_embeds=row_embeds[0][:shared_images] if shared_images else None,
+                          use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(rows))
             if shared_images:
                 rest = [e[shared_images:] for e in row_embeds]

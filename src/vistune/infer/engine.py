@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterator, Sequence
 
@@ -23,6 +24,7 @@ from ..text.encode import EncodingError, encode_conversation
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
+from .kv_cache import preallocated_cache
 from .memory import keep_freed_memory
 from .types import (
     Completion,
@@ -36,6 +38,16 @@ from .types import (
 
 __all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageInput", "Prompt", "PromptError",
            "PromptTooLong", "BatchRun"]
+
+
+# Below this many tokens, a stored prefix is not worth its bookkeeping.
+MIN_STORED_PREFIX = 4
+
+
+@dataclass
+class StoredPrefix:
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, len(ids), head_dim)
 
 
 class Engine:
@@ -67,6 +79,7 @@ class Engine:
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
         keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
+        self.template_prefix = self._prefill_template_prefix() if preallocate_cache else None
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -76,6 +89,28 @@ class Engine:
     @property
     def name(self) -> str:
         return Path(self.loaded.path).name if self.loaded.path else "vistune"
+
+    def _prefill_template_prefix(self) -> StoredPrefix | None:
+        """Keys and values of the tokens every default prompt starts with (BOS, the template's
+        system prompt, the first role tag), computed once: each request then prefills only
+        its own part. Found as what two different questions encode to in common, less one
+        token (the tokenizer may merge across the boundary); every use checks the ids."""
+        try:
+            a, b = (self.encode(Prompt.ask(q)).input_ids for q in ("a", "b?"))
+        except PromptError:
+            return None
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n] and a[n] != self.image_token_id:
+            n += 1
+        ids = a[: n - 1]
+        cache = preallocated_cache(self.lm.config, len(ids)) if len(ids) >= MIN_STORED_PREFIX else None
+        if cache is None:
+            return None
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([ids], device=self.device),
+                       position_ids=torch.arange(len(ids), device=self.device)[None],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return StoredPrefix(ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
 
     # -- prompts ---------------------------------------------------------------
     def encode(self, prompt: Prompt) -> EncodedPrompt:

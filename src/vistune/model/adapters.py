@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from ..text.tokenizer import load_tokenizer
+from .checkpoint import CONFIG_NAME, load_model
 from .config import VLMConfig
 from .vlm import VisionLanguageModel
 
 ADAPTER_FORMAT = 1
-CONFIG_NAME = "config.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_DIRS = {"llm": "llm_adapter", "vision": "vision_adapter"}
 
@@ -60,8 +60,6 @@ def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, Pre
     """A LoRA run's model with its adapters attached, not merged (for comparison and further training)."""
     from peft import PeftModel
 
-    from .checkpoint import load_model
-
     path = find_adapter_dir(run)
     cfg = json.loads((path / CONFIG_NAME).read_text())
     info = cfg["adapter"]
@@ -70,7 +68,7 @@ def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, Pre
     base = path / info["base"]  # relative: inside the run (an absolute path stays as it is)
     if not base.exists():
         raise FileNotFoundError(f"{path}: base model directory {base} is missing (the adapters apply to it)")
-    model, _ = load_model(base, dtype=torch.float32)
+    model, _ = load_model(base)
     own = VLMConfig.from_dict(cfg)
     model.config.template = own.template
     model.config.max_length = own.max_length

@@ -52,7 +52,10 @@ def _hidden_state_layers(model: nn.Module) -> tuple[list[nn.Module], int] | None
     one class, exactly ``num_hidden_layers`` instances, all held in order by one
     ModuleList (an encoder loops over it). None otherwise: no skipping.
     """
-    from transformers.utils.output_capturing import OutputRecorder
+    try:  # transformers' own hidden-state bookkeeping (5.x); without it, no skipping
+        from transformers.utils.output_capturing import OutputRecorder
+    except ImportError:
+        return None
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft-wrapped tower
     spec = (getattr(type(base), "_can_record_outputs", None) or {}).get("hidden_states")

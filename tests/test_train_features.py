@@ -65,6 +65,25 @@ def test_cache_is_invalidated_by_encoder_images_or_data(tiny_data, base_model_di
     assert tuple(cache.get(6).shape) == (1, 16, 32)
 
 
+def test_siglip_tower_features_are_cached_and_read_back(tiny_data, tokenizer, tmp_path):
+    """SigLIP's features come in a permuted (non-contiguous) layout; the cache stores them all the same."""
+    data = subset(tiny_data["pretrain"], tmp_path / "d.jsonl", 5)
+    model, _ = make_model(tokenizer, "siglip", "qwen2", vision_feature_layer=-1)
+    ensure_cache(model, data, tiny_data["images"], tmp_path / "fc", progress=False)
+    cache = FeatureCache(tmp_path / "fc")
+    from vistune.data.images import load_pixels, resolve_image_path
+    from vistune.data.records import RecordFile
+
+    recs = RecordFile(data)
+    pix = torch.stack([load_pixels(resolve_image_path(recs[i].images[0], tiny_data["images"]), model.config.image)
+                       for i in range(len(recs))])
+    with torch.no_grad():
+        want = model.vision(pix)
+    assert not want.is_contiguous()  # what made the shard writer fail before
+    for i in range(len(recs)):
+        assert torch.equal(cache.get(i), want[i:i + 1])
+
+
 def test_cache_features_command_and_bad_images(tiny_data, base_model_dir, tmp_path):
     data = subset(tiny_data["pretrain"], tmp_path / "d.jsonl", 5)
     with open(data, "a") as f:

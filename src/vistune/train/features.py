@@ -202,7 +202,9 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
             index["dtype"] = str(feats.dtype).removeprefix("torch.")
             at = 0
             for i, p in pending:
-                shard[f"r{i}"] = feats[at:at + len(p)].clone()
+                # own, contiguous storage: safetensors takes nothing else, and some towers (SigLIP)
+                # give their features in a permuted layout that a plain clone() would keep
+                shard[f"r{i}"] = feats[at:at + len(p)].clone(memory_format=torch.contiguous_format)
                 at += len(p)
             index["num_images"] += at
             index["num_tokens"], index["width"] = int(feats.shape[1]), int(feats.shape[2])

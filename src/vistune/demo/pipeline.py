@@ -56,7 +56,7 @@ class DemoConfig:
         base = cls(
             train_images=800, heldout_images=80, vocab_size=768,
             vision=VisionPretrainConfig(steps=60), lm=LMPretrainConfig(steps=60, batch_size=16),
-            stage1_steps=20, stage2_steps=80, recall_images=16,
+            stage1_steps=20, stage2_steps=60, recall_images=16,
         )
         return replace(base, **kw)
 

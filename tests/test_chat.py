@@ -5,6 +5,7 @@ import io
 import sys
 
 import pytest
+import torch
 from conftest import make_model, noise_image
 
 from vistune.cli import main
@@ -46,6 +47,67 @@ def test_session_reuses_image_features_and_matches_the_engine(engine):
     assert engine.generate([Prompt(turns, [img, img2])], CFG)[0].text == a3
     chat.reset()
     assert chat.turns == [] and chat.image_embeds == [] and chat.pending == []
+
+
+def prefill_lengths(engine) -> list[int]:
+    """Tokens of each language-model call that prefills (more than one token)."""
+    seen: list[int] = []
+
+    def record(_module, _args, kw, _out):
+        x = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw["input_ids"]
+        if x.shape[1] > 1:
+            seen.append(x.shape[1])
+
+    engine.lm.register_forward_hook(record, with_kwargs=True)
+    return seen
+
+
+def test_a_later_turn_prefills_only_its_new_message(tokenizer):
+    # two copies of the same weights, so that each engine's calls are recorded apart
+    engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
+    plain.reuse_last_turn, plain.template_prefix = False, None  # the reference: every prompt prefilled whole
+    seen, seen_plain = prefill_lengths(engine), prefill_lengths(plain)
+    chats = [Chat(e, config=CFG) for e in (engine, plain)]
+    img = noise_image(4)
+    previous = 0
+    for i, text in enumerate(["what is in the image?", "and what color is it?", "where is it?"]):
+        replies = []
+        for chat in chats:
+            if i == 0:
+                chat.attach(img)
+            ids = engine.encode(chat._prompt(text)[0]).input_ids
+            replies.append(chat.ask(text))
+        assert replies[0] == replies[1]
+        assert seen_plain[-1] == len(ids)
+        if i:  # the whole previous prompt (image included) comes from the stored turn
+            assert seen[-1] <= len(ids) - previous
+        previous = len(ids)
+    assert engine.last_turn is not None and engine.last_turn.images is not None
+
+
+def test_the_last_turn_serves_only_what_matches(tokenizer):
+    # two copies of the same weights, so that each engine's calls are recorded apart
+    engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
+    plain.reuse_last_turn, plain.template_prefix = False, None
+    seen = prefill_lengths(engine)
+    engine.generate([Prompt.ask("what is in the image?", [noise_image(5)])], CFG)
+    for image, reused_image in ((noise_image(6), False), (noise_image(5), True)):
+        prompt = Prompt.ask("what is in the image? tell me", [image])
+        ids = engine.encode(prompt).input_ids
+        first_image = ids.index(engine.image_token_id)
+        got, ref = engine.generate([prompt], CFG), plain.generate([prompt], CFG)
+        assert got == ref
+        if reused_image:  # the same picture in the same place: its tokens are not computed again
+            assert seen[-1] <= len(ids) - first_image - engine.num_image_tokens
+        else:  # another picture: everything from it on is computed
+            assert seen[-1] >= len(ids) - first_image
+        engine.generate([Prompt.ask("what is in the image?", [noise_image(5)])], CFG)  # the stored turn again
+    # The stored keys and values are those a full prefill computes.
+    last = engine.last_turn
+    with torch.inference_mode():
+        out = engine.lm(input_ids=torch.tensor([last.ids[:1]]), use_cache=True)
+    torch.testing.assert_close(out.past_key_values.layers[0].keys[0, :, 0], last.kv[0][0][0, :, 0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_session_stream_records_the_reply(engine):

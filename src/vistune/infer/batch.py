@@ -21,7 +21,7 @@ import torch
 from .detokenize import IncrementalDecoder, ReplyText
 from .kv_cache import PreallocatedLayer, preallocated_cache
 from .sampling import apply_repetition_penalty, make_generator, sample_row
-from .types import Completion, EncodedPrompt, GenerationConfig
+from .types import Completion, EncodedPrompt, GenerationConfig, StoredPrefix
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -79,6 +79,7 @@ class BatchRun:
         self._finished: list[int] = []
         self._penalised = any(c.repetition_penalty != 1.0 for c in configs)
         self._state: _State | None = None
+        self._solo: tuple[list[int], torch.Tensor | None] | None = None  # the prompt of a one-row prefill
         self.add(prompts, configs, streams)
 
     # -- public ------------------------------------------------------------------
@@ -145,13 +146,23 @@ class BatchRun:
             r.prompt = None
         cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
         shared, shared_images = self._shared_prefix(prompts, row_embeds) if cache is not None else (0, 0)
-        # The template's system prompt, prefilled once per engine, starts every default prompt.
-        stored = eng.template_prefix if cache is not None else None
-        n_stored = 0
-        if stored is not None and all(len(p) > len(stored.ids) and p[: len(stored.ids)] == stored.ids for p in prompts):
-            n_stored = len(stored.ids)
-            if shared < n_stored:
-                shared, shared_images = n_stored, 0
+        stored, n_stored = None, 0
+        if cache is not None and len(rows) == 1:
+            # One prompt: the stored keys and values that cover most of it (the template's system
+            # prompt, or the previous turn of its conversation with the same images).
+            found = eng.stored_prefix_for(prompts[0], row_embeds[0] if row_embeds else None)
+            if found is not None:
+                stored, n_stored, shared_images = found
+                shared = n_stored
+        elif cache is not None:
+            # The template's system prompt, prefilled once per engine, starts every default prompt.
+            stored = eng.template_prefix
+            if stored is not None and all(len(p) > len(stored.ids) and p[: len(stored.ids)] == stored.ids
+                                          for p in prompts):
+                n_stored = len(stored.ids)
+                if shared < n_stored:
+                    shared, shared_images = n_stored, 0
+        self._solo = (prompts[0], row_embeds[0] if row_embeds else None) if len(rows) == 1 else None
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
         # when nothing is shared): the padding sits where the rows start to differ.
@@ -172,12 +183,13 @@ class BatchRun:
             # Of it, the stored system prompt is copied in, not computed.
             if n_stored:
                 for layer, (k, v) in zip(cache.layers, stored.kv):
-                    layer.update(k, v)
+                    layer.update(k[:, :, :n_stored], v[:, :, :n_stored])
             if shared > n_stored:
                 eng.model(input_ids=ids[:1, n_stored:shared], position_ids=pos[:1, n_stored:shared],
                           past_key_values=cache, image_embeds=row_embeds[0][:shared_images] if shared_images else None,
                           use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(len(rows))
+            if len(rows) > 1:
+                cache.batch_repeat_interleave(len(rows))
             if shared_images:
                 rest = [e[shared_images:] for e in row_embeds]
                 embeds = torch.cat(rest) if any(len(e) for e in rest) else None
@@ -344,6 +356,20 @@ class BatchRun:
             text = self.engine.tokenizer.decode(ids, skip_special_tokens=True).strip()
         self.completions[r.index] = Completion(text, r.prompt_tokens, len(r.tokens), r.finish_reason)
         self._finished.append(r.index)
+        self._store_turn(r)
+
+    def _store_turn(self, r: _Row) -> None:
+        """Keep the keys and values of a row that ran alone, for its conversation's next turn.
+        Views, not copies: once the row is dropped its cache is never written again."""
+        eng, st, solo = self.engine, self._state, self._solo
+        if (not eng.reuse_last_turn or solo is None or r.finish_reason == "cancelled" or st is None
+                or self._active != [r] or self._pending or st.mask is not None
+                or not isinstance(st.cache.layers[0], PreallocatedLayer)):
+            return
+        ids = solo[0] + r.tokens[:-1]  # the last token was chosen, not yet fed
+        if len(ids) != st.length:
+            return
+        eng.last_turn = StoredPrefix(ids, [(layer.keys, layer.values) for layer in st.cache.layers], solo[1])
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

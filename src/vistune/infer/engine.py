@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterator, Sequence
 
@@ -34,6 +33,7 @@ from .types import (
     Prompt,
     PromptError,
     PromptTooLong,
+    StoredPrefix,
 )
 
 __all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageInput", "Prompt", "PromptError",
@@ -42,12 +42,6 @@ __all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageIn
 
 # Below this many tokens, a stored prefix is not worth its bookkeeping.
 MIN_STORED_PREFIX = 4
-
-
-@dataclass
-class StoredPrefix:
-    ids: list[int]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, len(ids), head_dim)
 
 
 class Engine:
@@ -80,6 +74,10 @@ class Engine:
         self.image_cache = ImageEmbedCache(image_cache_size)
         keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
         self.template_prefix = self._prefill_template_prefix() if preallocate_cache else None
+        # The keys and values of the last request that ran alone (prompt and reply): a
+        # conversation's next turn starts with them, so it prefills only its new message.
+        self.reuse_last_turn = preallocate_cache
+        self.last_turn: StoredPrefix | None = None
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -111,6 +109,18 @@ class Engine:
                        position_ids=torch.arange(len(ids), device=self.device)[None],
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         return StoredPrefix(ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+
+    def stored_prefix_for(self, ids: list[int], images: torch.Tensor | None) -> tuple[StoredPrefix, int, int] | None:
+        """The stored keys and values that cover most of one prompt: (store, tokens, images), or None
+        when neither the template's prefix nor the last turn covers at least MIN_STORED_PREFIX tokens."""
+        best = None
+        for stored in (self.template_prefix, self.last_turn if self.reuse_last_turn else None):
+            if stored is None:
+                continue
+            n, n_images = stored.common_length(ids, images, self.image_token_id, self.num_image_tokens)
+            if n >= MIN_STORED_PREFIX and (best is None or n > best[1]):
+                best = (stored, n, n_images)
+        return best
 
     # -- prompts ---------------------------------------------------------------
     def encode(self, prompt: Prompt) -> EncodedPrompt:

@@ -84,3 +84,28 @@ class EncodedPrompt:
 
     input_ids: list[int]
     images: list[ImageInput]
+
+
+@dataclass
+class StoredPrefix:
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, len(ids), head_dim)
+    images: torch.Tensor | None = None  # embeddings of the images among ``ids``, in order
+
+    def common_length(self, ids: list[int], images: torch.Tensor | None, image_token_id: int,
+                      per_image: int) -> tuple[int, int]:
+        """(tokens, images) of ``ids`` whose keys and values this prefix holds: the common ids,
+        where image tokens also need the same image, never part of an image, and at least one
+        token of ``ids`` left to prefill."""
+        limit = min(len(self.ids), len(ids) - 1)
+        n = n_image_tokens = 0
+        while n < limit and self.ids[n] == ids[n]:
+            if ids[n] == image_token_id:
+                k, start = divmod(n_image_tokens, per_image)
+                if start == 0 and not (self.images is not None and images is not None and k < len(self.images)
+                                       and k < len(images) and torch.equal(self.images[k], images[k])):
+                    break
+                n_image_tokens += 1
+            n += 1
+        n -= n_image_tokens % per_image
+        return n, n_image_tokens // per_image

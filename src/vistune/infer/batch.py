@@ -146,22 +146,14 @@ class BatchRun:
             r.prompt = None
         cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
         shared, shared_images = self._shared_prefix(prompts, row_embeds) if cache is not None else (0, 0)
-        stored, n_stored = None, 0
-        if cache is not None and len(rows) == 1:
-            # One prompt: the stored keys and values that cover most of it (the template's system
-            # prompt, or the previous turn of its conversation with the same images).
-            found = eng.stored_prefix_for(prompts[0], row_embeds[0] if row_embeds else None)
-            if found is not None:
-                stored, n_stored, shared_images = found
-                shared = n_stored
-        elif cache is not None:
-            # The template's system prompt, prefilled once per engine, starts every default prompt.
-            stored = eng.template_prefix
-            if stored is not None and all(len(p) > len(stored.ids) and p[: len(stored.ids)] == stored.ids
-                                          for p in prompts):
-                n_stored = len(stored.ids)
-                if shared < n_stored:
-                    shared, shared_images = n_stored, 0
+        # Stored keys and values that start every prompt (the template's system prompt, or the
+        # previous turn of a conversation with the same images) are copied in, not computed.
+        stored, n_stored, stored_images = None, 0, 0
+        found = eng.stored_prefix_for(prompts, row_embeds) if cache is not None else None
+        if found is not None:
+            stored, n_stored, stored_images = found
+            if shared < n_stored:
+                shared, shared_images = n_stored, stored_images
         self._solo = (prompts[0], row_embeds[0] if row_embeds else None) if len(rows) == 1 else None
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
@@ -180,14 +172,14 @@ class BatchRun:
         if shared:
             # The common prefix (system prompt, and an image every row asks about) goes through the model
             # once; every row gets a copy of its keys and values, exactly what it would have computed itself.
-            # Of it, the stored system prompt is copied in, not computed.
+            # Of it, the stored part is copied in, not computed.
             if n_stored:
                 for layer, (k, v) in zip(cache.layers, stored.kv):
                     layer.update(k[:, :, :n_stored], v[:, :, :n_stored])
             if shared > n_stored:
+                images = row_embeds[0][stored_images:shared_images] if shared_images > stored_images else None
                 eng.model(input_ids=ids[:1, n_stored:shared], position_ids=pos[:1, n_stored:shared],
-                          past_key_values=cache, image_embeds=row_embeds[0][:shared_images] if shared_images else None,
-                          use_cache=True, logits_to_keep=1)
+                          past_key_values=cache, image_embeds=images, use_cache=True, logits_to_keep=1)
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
             if shared_images:

@@ -110,14 +110,21 @@ class Engine:
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         return StoredPrefix(ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
 
-    def stored_prefix_for(self, ids: list[int], images: torch.Tensor | None) -> tuple[StoredPrefix, int, int] | None:
-        """The stored keys and values that cover most of one prompt: (store, tokens, images), or None
-        when neither the template's prefix nor the last turn covers at least MIN_STORED_PREFIX tokens."""
+    def stored_prefix_for(self, prompts: list[list[int]], images: list[torch.Tensor] | None
+                          ) -> tuple[StoredPrefix, int, int] | None:
+        """The stored keys and values that start every one of ``prompts`` (token ids; ``images``: each
+        prompt's image embeddings) for the most tokens: (store, tokens, images), or None when
+        neither the template's prefix nor (for one prompt) the last turn covers at least
+        MIN_STORED_PREFIX tokens."""
         best = None
-        for stored in (self.template_prefix, self.last_turn if self.reuse_last_turn else None):
+        # the last turn belongs to one conversation: it serves a prompt that runs alone
+        last = self.last_turn if self.reuse_last_turn and len(prompts) == 1 else None
+        for stored in (self.template_prefix, last):
             if stored is None:
                 continue
-            n, n_images = stored.common_length(ids, images, self.image_token_id, self.num_image_tokens)
+            # every row has the store's ids up to the shortest match, so its image count too
+            n, n_images = min(stored.common_length(ids, images[i] if images else None, self.image_token_id,
+                                                   self.num_image_tokens) for i, ids in enumerate(prompts))
             if n >= MIN_STORED_PREFIX and (best is None or n > best[1]):
                 best = (stored, n, n_images)
         return best

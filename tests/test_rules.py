@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -123,3 +124,56 @@ def test_rules_need_attributes():
         generate_records([ann])
     with pytest.raises(RulesError, match="unknown instruction kinds"):
         generate_records([], kinds=["poetry"])
+
+
+def test_referring_answers_name_the_object_then_the_attribute(world):
+    recs = generate_records(world, kinds=["referring"], seed=0)
+    by_id = {a.id: a for a in world}
+    seen = set()
+    for r in recs:
+        parse_record(r)
+        ann = by_id[r["id"].rsplit("-", 1)[0]]
+        objs = objects(ann)
+        conv = r["conversations"]
+        assert conv[0]["value"].count("<image>") == 1 and 1 <= len(conv) // 2 <= 6
+        for h, g in zip(conv[::2], conv[1::2]):
+            q, a = h["value"].replace("<image>", "").strip(), g["value"]
+            if m := re.match(r"(?:Name the|Which) (\w+) (?:and its color|is it, by color)", q):
+                (c,) = [c for (c, s) in objs if s == m.group(1)]  # the shape names one object
+                assert a == f"{m.group(1)} {c}"
+                seen.add("color")
+            elif m := re.match(r"(?:Name the|Which) (\w+) (?:object and its shape|shape is it)", q):
+                (s,) = [s for (c, s) in objs if c == m.group(1)]
+                assert a == f"{m.group(1)} {s}"
+                seen.add("shape")
+            elif m := re.match(r"Name the (\w+) (\w+) and its (size|place)\.", q):
+                b = objs[(m.group(1), m.group(2))]
+                rest = a.removeprefix(f"{m.group(1)} {m.group(2)} ")
+                if m.group(3) == "size":
+                    assert rest == b.attributes["size"]
+                else:
+                    x, y = b.center[0] / ann.width, b.center[1] / ann.height
+                    words = set(rest.split())
+                    assert ("left" in words) == (x < 0.4) and ("right" in words) == (x > 0.6)
+                    assert ("top" in words) == (y < 0.4) and ("bottom" in words) == (y > 0.6)
+                seen.add(m.group(3))
+            else:
+                pytest.fail(f"unknown referring question {q!r}")
+    assert seen == {"color", "shape", "size", "place"}
+
+
+def test_cli_rules_backend_writes_referring_records(tmp_path, capsys, world):
+    from vistune.cli import main
+    from vistune.instruct.annotations import save_annotations
+
+    ann_path, out = tmp_path / "ann.json", tmp_path / "out.jsonl"
+    save_annotations(world[:5], ann_path)
+    base = ["data", "instruct", "--annotations", str(ann_path), "--out", str(out)]
+    assert main([*base, "--backend", "rules", "--kinds", "referring,detail"]) == 0
+    kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
+    assert kinds == ["referring", "detail"] * 5
+    assert main([*base, "--backend", "rules", "--kinds", "poetry"]) == 2
+    assert "unknown instruction kinds ['poetry']" in capsys.readouterr().err
+    # An LLM is prompted for LLaVA's three kinds only.
+    assert main([*base, "--backend", "openai", "--model", "m", "--kinds", "referring"]) == 2
+    assert "unknown kind(s) 'referring'" in capsys.readouterr().err

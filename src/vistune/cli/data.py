@@ -69,7 +69,8 @@ def register_instruct(dsub: argparse._SubParsersAction) -> None:
     _annotations_arg(i)
     i.add_argument("--out", required=True, help="output JSONL")
     i.add_argument("--kinds", default="conversation,detail,reasoning",
-                   help="comma-separated: conversation, detail, reasoning (default: all three)")
+                   help="comma-separated: conversation, detail, reasoning (default: all three); the rules "
+                        "backend also has referring (the object named, then the attribute asked for)")
     i.add_argument("--backend", choices=["openai", "rules"], default="openai")
     i.add_argument("--model", default=None, help="model name for the openai backend")
     i.add_argument("--base-url", default=None, help="any OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
@@ -133,7 +134,9 @@ def cmd_instruct(args: argparse.Namespace) -> int:
     from ..instruct.prompts import check_kinds
 
     _setup_logging(args.verbose)
-    kinds = check_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if args.backend != "rules":  # the rules backend checks its own, longer list
+        kinds = check_kinds(kinds)
     anns = load_any_annotations(args.annotations)
     if args.backend == "rules":
         return _instruct_rules(args, anns, kinds)

@@ -124,6 +124,8 @@ def test_rules_need_attributes():
         generate_records([ann])
     with pytest.raises(RulesError, match="unknown instruction kinds"):
         generate_records([], kinds=["poetry"])
+    with pytest.raises(RulesError, match="no instruction kind given"):
+        generate_records([ann], kinds=[])
 
 
 def test_referring_answers_name_the_object_then_the_attribute(world):
@@ -174,6 +176,8 @@ def test_cli_rules_backend_writes_referring_records(tmp_path, capsys, world):
     assert kinds == ["referring", "detail"] * 5
     assert main([*base, "--backend", "rules", "--kinds", "poetry"]) == 2
     assert "unknown instruction kinds ['poetry']" in capsys.readouterr().err
+    assert main([*base, "--backend", "rules", "--kinds", ","]) == 2
+    assert "no instruction kind given" in capsys.readouterr().err
     # An LLM is prompted for LLaVA's three kinds only.
     assert main([*base, "--backend", "openai", "--model", "m", "--kinds", "referring"]) == 2
     assert "unknown kind(s) 'referring'" in capsys.readouterr().err

@@ -135,11 +135,10 @@ def cmd_instruct(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if args.backend != "rules":  # the rules backend checks its own, longer list
-        kinds = check_kinds(kinds)
+    if args.backend == "rules":  # it checks its own, longer list of kinds
+        return _instruct_rules(args, load_any_annotations(args.annotations), kinds)
+    kinds = check_kinds(kinds)
     anns = load_any_annotations(args.annotations)
-    if args.backend == "rules":
-        return _instruct_rules(args, anns, kinds)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ..instruct.llm import LLMConfig, LLMError, generate_with_llm

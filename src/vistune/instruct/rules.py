@@ -15,10 +15,7 @@ from .annotations import Box, ImageAnnotation
 from .instructions import DETAIL_INSTRUCTIONS
 from .synth import COLORS, SHAPES, horizontal, location_phrase, name, number_word, vertical
 
-KINDS = ("conversation", "detail", "reasoning")
-# Not one of LLaVA-Instruct's three kinds: short answers that name the object asked about
-# right before the attribute asked for, like the region-level data in LLaVA-1.5's mix.
-EXTRA_KINDS = ("referring",)
+KINDS = ("conversation", "detail", "reasoning")  # LLaVA-Instruct's; BUILDERS also has "referring"
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 QUESTION_KINDS = ("color", "shape", "count", "existence", "position", "size")
 
@@ -245,7 +242,8 @@ def _place(b: Box, w: int, h: int) -> str:
 
 def referring(ann: ImageAnnotation, rng: random.Random, max_turns: int = 6) -> list[dict]:
     """Questions that name one object and ask for one attribute, answered as the object's
-    name followed at once by the attribute ("circle red" for the circle's colour).
+    name followed at once by the attribute ("circle red" for the circle's colour). Not one of
+    LLaVA-Instruct's kinds; like the region-level data in LLaVA-1.5's mix.
 
     A tiny LM from scratch learns to look an object up in the image tokens when the word
     that names it is the token it is reading, within a couple of hundred steps; reading the
@@ -281,8 +279,9 @@ def generate_records(annotations: Iterable[ImageAnnotation], kinds: Iterable[str
     """LLaVA records (dicts with id, image, conversations, kind), deterministic under ``seed``."""
     kinds = list(kinds)
     bad = [k for k in kinds if k not in BUILDERS]
-    if bad:
-        raise RulesError(f"unknown instruction kinds {bad}; known: {', '.join(BUILDERS)}")
+    if bad or not kinds:
+        raise RulesError(f"unknown instruction kinds {bad}; known: {', '.join(BUILDERS)}" if bad
+                         else f"no instruction kind given; known: {', '.join(BUILDERS)}")
     out = []
     for ann in annotations:
         for kind in kinds:

@@ -5,7 +5,8 @@ import pytest
 
 from vistune.data.records import parse_record
 from vistune.instruct.annotations import Box, ImageAnnotation
-from vistune.instruct.rules import KINDS, SHORT_SUFFIX, RulesError, generate_records, short_answer_questions
+from vistune.instruct.rules import (KINDS, QUESTION_KINDS, SHORT_SUFFIX, RulesError, generate_mix, generate_records,
+                                   short_answer_questions)
 from vistune.instruct.synth import NUMBER_WORDS, make_world
 
 
@@ -116,6 +117,38 @@ def test_short_answer_questions_are_true(world):
     yes = sum(q["answer"] == "yes" for q in qs if q["kind"] == "existence")
     n = sum(q["kind"] == "existence" for q in qs)
     assert 0.3 < yes / n < 0.7
+
+
+def test_vqa_records_ask_every_kind_once_in_a_word(world):
+    recs = generate_records(world, kinds=["vqa"], seed=0)
+    by_id = {a.id: a for a in world}
+    for r in recs:
+        parse_record(r)
+        ann, conv = by_id[r["id"].rsplit("-", 1)[0]], r["conversations"]
+        assert 4 <= len(conv) // 2 <= len(QUESTION_KINDS)
+        for h, g in zip(conv[::2], conv[1::2]):
+            q = h["value"].replace("<image>", "").strip()
+            assert q.endswith(SHORT_SUFFIX) and len(g["value"].split()) == 1
+            assert check_qa(ann, q, g["value"]), (r["id"], q, g["value"])
+    # every kind asked somewhere, and not always in the same order
+    assert len({r["conversations"][0]["value"].replace("<image>", "").strip().split()[0] for r in recs}) > 3
+
+
+def test_generate_mix_gives_the_asked_proportions(world):
+    recs = generate_mix(world, {"vqa": 2, "detail": 0.25}, seed=1)
+    kinds = [r["kind"] for r in recs]
+    assert kinds.count("vqa") == 2 * len(world) and kinds.count("detail") == round(0.25 * len(world))
+    assert len({r["id"] for r in recs}) == len(recs)
+    first = {r["id"]: r for r in recs}
+    same_image = [(first[f"{a.id}-vqa"], first[f"{a.id}-vqa-1"]) for a in world]
+    assert sum(x["conversations"] != y["conversations"] for x, y in same_image) > len(world) // 2
+    at = [i for i, k in enumerate(kinds) if k == "detail"]
+    assert at != list(range(at[0], at[0] + len(at)))  # shuffled, not in blocks by kind
+    assert recs == generate_mix(world, {"vqa": 2, "detail": 0.25}, seed=1)
+    with pytest.raises(RulesError, match="must be >= 0"):
+        generate_mix(world, {"vqa": -1})
+    with pytest.raises(RulesError, match="makes no records"):
+        generate_mix(world, {"vqa": 0})
 
 
 def test_rules_need_attributes():

@@ -70,7 +70,8 @@ def register_instruct(dsub: argparse._SubParsersAction) -> None:
     i.add_argument("--out", required=True, help="output JSONL")
     i.add_argument("--kinds", default="conversation,detail,reasoning",
                    help="comma-separated: conversation, detail, reasoning (default: all three); the rules "
-                        "backend also has referring (the object named, then the attribute asked for)")
+                        "backend also has referring (the object named, then the attribute asked for) and vqa (every "
+                        "question kind answered in a word, as LLaVA-1.5's academic VQA data)")
     i.add_argument("--backend", choices=["openai", "rules"], default="openai")
     i.add_argument("--model", default=None, help="model name for the openai backend")
     i.add_argument("--base-url", default=None, help="any OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")

@@ -64,7 +64,7 @@ class LMPretrainConfig:
     kv_heads: int = 4
     intermediate_size: int = 768
     max_positions: int = 512
-    steps: int = 300
+    steps: int = 150  # 300 gave no better stage 2 (57.7 % vs 58.4 % held out) and cost ~70 s more
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 2e-3

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..text.templates import IMAGE_PLACEHOLDER
 from .annotations import Box, ImageAnnotation
 from .instructions import DETAIL_INSTRUCTIONS
 from .synth import COLORS, SHAPES, horizontal, location_phrase, name, number_word, vertical
 
-KINDS = ("conversation", "detail", "reasoning")  # LLaVA-Instruct's; BUILDERS also has "referring"
+KINDS = ("conversation", "detail", "reasoning")  # LLaVA-Instruct's; BUILDERS also has "referring" and "vqa"
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 QUESTION_KINDS = ("color", "shape", "count", "existence", "position", "size")
 
@@ -149,10 +149,7 @@ def _capital(s: str) -> str:
 
 
 # -- the three kinds --------------------------------------------------------------
-def conversation(ann: ImageAnnotation, rng: random.Random, short_ratio: float = 0.5) -> list[dict]:
-    kinds = list(QUESTION_KINDS)
-    rng.shuffle(kinds)
-    qas = [qa for k in kinds if (qa := ask(k, ann, rng)) is not None][: rng.randint(4, 6)]
+def _qa_turns(qas: list[QA], rng: random.Random, short_ratio: float) -> list[dict]:
     turns: list[dict] = []
     for i, qa in enumerate(qas):
         if rng.random() < short_ratio:
@@ -162,6 +159,22 @@ def conversation(ann: ImageAnnotation, rng: random.Random, short_ratio: float = 
         turns.append({"from": "human", "value": _with_image(q, rng) if i == 0 else q})
         turns.append({"from": "gpt", "value": a})
     return turns
+
+
+def _one_per_kind(ann: ImageAnnotation, rng: random.Random) -> list[QA]:
+    kinds = list(QUESTION_KINDS)
+    rng.shuffle(kinds)
+    return [qa for k in kinds if (qa := ask(k, ann, rng)) is not None]
+
+
+def conversation(ann: ImageAnnotation, rng: random.Random, short_ratio: float = 0.5) -> list[dict]:
+    return _qa_turns(_one_per_kind(ann, rng)[: rng.randint(4, 6)], rng, short_ratio)
+
+
+def vqa(ann: ImageAnnotation, rng: random.Random) -> list[dict]:
+    """Every question kind once, each answered in a word after LLaVA-1.5's format prompt, as the
+    academic VQA sets (VQAv2, GQA) in LLaVA-1.5's mix. Not one of LLaVA-Instruct's kinds."""
+    return _qa_turns(_one_per_kind(ann, rng), rng, short_ratio=1.0)
 
 
 def describe(ann: ImageAnnotation, rng: random.Random) -> str:
@@ -272,7 +285,7 @@ def referring(ann: ImageAnnotation, rng: random.Random, max_turns: int = 6) -> l
     return turns
 
 
-BUILDERS = {"conversation": conversation, "detail": detail, "reasoning": reasoning, "referring": referring}
+BUILDERS = {"conversation": conversation, "detail": detail, "reasoning": reasoning, "referring": referring, "vqa": vqa}
 
 
 def generate_records(annotations: Iterable[ImageAnnotation], kinds: Iterable[str] = KINDS, seed: int = 0) -> list[dict]:
@@ -288,6 +301,28 @@ def generate_records(annotations: Iterable[ImageAnnotation], kinds: Iterable[str
             rng = random.Random(f"{seed}/{ann.id}/{kind}")
             out.append({"id": f"{ann.id}-{kind}", "image": ann.file, "kind": kind,
                         "conversations": BUILDERS[kind](ann, rng)})
+    return out
+
+
+def generate_mix(annotations: Sequence[ImageAnnotation], mix: Mapping[str, float], seed: int = 0) -> list[dict]:
+    """Records in proportions: ``mix[kind]`` records of that kind per image on average (2.0: two
+    per image, written with different seeds; 0.25: one for a quarter of the images). Shuffled,
+    deterministic under ``seed``."""
+    bad = {k: w for k, w in mix.items() if not (w >= 0)}
+    if bad:
+        raise RulesError(f"mix weights must be >= 0: {bad}")
+    annotations = list(annotations)
+    out: list[dict] = []
+    for kind, weight in mix.items():
+        whole, part = int(weight), weight - int(weight)
+        for r in range(whole + (part > 0)):
+            records = generate_records(annotations, kinds=[kind], seed=seed + 1000 * r)
+            if r == whole:
+                records = random.Random(f"{seed}/{kind}/{r}").sample(records, round(len(records) * part))
+            out += [{**x, "id": f"{x['id']}-{r}"} if r else x for x in records]
+    if not out:
+        raise RulesError(f"the mix {dict(mix)} makes no records")
+    random.Random(seed).shuffle(out)
     return out
 
 

@@ -52,7 +52,8 @@ class DemoConfig:
     lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     stage1_steps: int = 100
     stage2_steps: int = 600
-    # Twice the updates for the same records and time: 64.0 % held out against 60.0 % at 16 x 300.
+    # More updates for the same records: 64.0 % held out at 8 x 600, 60.0 % at 16 x 300; 4 x 1200
+    # gave 65.4 % but took 598 s of the 600 (docs/demo.md).
     stage2_batch: int = 8
     recall_images: int = 40
     ablations: bool = True

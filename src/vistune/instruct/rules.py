@@ -316,9 +316,10 @@ def generate_mix(annotations: Sequence[ImageAnnotation], mix: Mapping[str, float
     for kind, weight in mix.items():
         whole, part = int(weight), weight - int(weight)
         for r in range(whole + (part > 0)):
-            records = generate_records(annotations, kinds=[kind], seed=seed + 1000 * r)
-            if r == whole:
-                records = random.Random(f"{seed}/{kind}/{r}").sample(records, round(len(records) * part))
+            # The fraction picks its images first: each record depends only on its image and the seed.
+            images = annotations if r < whole else random.Random(f"{seed}/{kind}/{r}").sample(
+                annotations, round(len(annotations) * part))
+            records = generate_records(images, kinds=[kind], seed=seed + 1000 * r)
             out += [{**x, "id": f"{x['id']}-{r}"} if r else x for x in records]
     if not out:
         raise RulesError(f"the mix {dict(mix)} makes no records")

@@ -1,7 +1,9 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import vistune
 from vistune.cli import main
@@ -30,6 +32,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert saved["seed"] == 0 and saved["timings"]["total_s"] > 0
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
+    # An exact match is also a first-word match, never the reverse.
+    assert all(saved["accuracy_first_word"][k] >= v for k, v in saved["accuracy"].items())
     assert set(saved["accuracy_by_kind"]["full"]) <= {"color", "shape", "count", "existence", "position", "size"}
     assert saved == json.loads(json.dumps(report))
     # Stage 0 wrote standard transformers formats: a ResNet vision model and a Llama.
@@ -45,10 +49,30 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert "## Ablations" in (out / "report.md").read_text()
 
 
+def test_demo_same_seed_same_numbers(tmp_path):
+    """Issue 5: same seed, same numbers (deterministic on CPU)."""
+    from dataclasses import replace
+
+    a = run_demo(replace(tiny_demo(tmp_path / "a"), ablations=False))
+    b = run_demo(replace(tiny_demo(tmp_path / "b"), ablations=False))
+    for key in ["accuracy", "accuracy_by_kind", "accuracy_first_word", "train_losses", "object_recall"]:
+        assert a[key] == b[key], key
+    # Tensors, not file bytes: safetensors orders its header metadata differently from run to run.
+    weights = sorted((tmp_path / "a" / "model").glob("*.safetensors"))
+    assert weights
+    for w in weights:
+        ta, tb = load_file(w), load_file(tmp_path / "b" / "model" / w.name)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), w.name
+
+
 @pytest.mark.slow
 def test_demo_quick_beats_text_only(tmp_path, capsys):
     """Issue 5's bar: the full pipeline beats text-only by >= 20 points on held-out scenes."""
     assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["accuracy"]["full"] - report["accuracy"]["text_only"] >= 0.20
+    # Not only because the blank image breaks the answer format: the answers' first words too.
+    first = report["accuracy_first_word"]
+    assert first["full"] - first["text_only"] >= 0.20
     assert "vistune chat --model" in capsys.readouterr().out

@@ -3,6 +3,10 @@
 Short-answer questions (one per kind and scene) are graded by exact match after
 light normalisation; detailed descriptions by object recall (the fraction of the
 scene's objects, as "colour shape", named in the description).
+
+Exact match also fails an answer whose first word is right but which does not stop
+("Blue No No No"). The first-word accuracy beside it separates the two: a model can
+lose the format on a blank image and still guess the answer from the question.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class Graded:
     accuracy: float
     by_kind: dict[str, float]
     n: int
+    first_word: float = 0.0  # answers whose first word is the expected one-word answer
     samples: list[dict] = field(default_factory=list)
 
 
@@ -56,15 +61,18 @@ def answer_questions(engine: Engine, questions: Sequence[dict], image_root: Path
 
 def grade(questions: Sequence[dict], answers: Sequence[str]) -> Graded:
     hits: dict[str, list[int]] = defaultdict(list)
+    first = 0
     samples = []
     for q, a in zip(questions, answers):
-        ok = int(normalize(a) == normalize(q["answer"]))
+        got, expected = normalize(a), normalize(q["answer"])
+        ok = int(got == expected)
+        first += got.split()[: len(expected.split())] == expected.split()
         hits[q["kind"]].append(ok)
         samples.append({"question_id": q["question_id"], "kind": q["kind"], "question": q["text"],
                         "answer": a, "expected": q["answer"], "correct": bool(ok)})
     allv = [v for vs in hits.values() for v in vs]
     return Graded(sum(allv) / max(1, len(allv)), {k: sum(v) / len(v) for k, v in sorted(hits.items())},
-                  len(allv), samples)
+                  len(allv), first / max(1, len(allv)), samples)
 
 
 def majority_baseline(questions: Sequence[dict]) -> dict[str, float]:

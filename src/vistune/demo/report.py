@@ -68,12 +68,17 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
              f"Seed {report['seed']}; {report['questions']} short-answer questions on held-out scenes; "
              f"total time {report['timings']['total_s']:.0f} s.", "",
              "## Ablations (held-out exact-match accuracy)", "",
-             "| variant | overall | " + " | ".join(kinds) + " |",
-             "|---|---|" + "---|" * len(kinds)]
+             "| variant | overall | first word | " + " | ".join(kinds) + " |",
+             "|---|---|---|" + "---|" * len(kinds)]
+    first = report.get("accuracy_first_word", {})
     for v, a in acc.items():
-        lines.append(f"| {LABELS.get(v, v)} | {a:.1%} | " + " | ".join(f"{by_kind[v].get(k, 0):.0%}" for k in kinds) + " |")
-    lines.append(f"| majority answer per kind | {maj['overall']:.1%} | " +
+        fw = f"{first[v]:.1%}" if v in first else "-"
+        lines.append(f"| {LABELS.get(v, v)} | {a:.1%} | {fw} | " +
+                     " | ".join(f"{by_kind[v].get(k, 0):.0%}" for k in kinds) + " |")
+    lines.append(f"| majority answer per kind | {maj['overall']:.1%} | {maj['overall']:.1%} | " +
                  " | ".join(f"{maj.get(k, 0):.0%}" for k in kinds) + " |")
+    lines += ["", "*First word*: the answer's first word is the expected one, whether or not the model "
+              "stopped after it (exact match needs both)."]
     lines += ["", f"Object recall of detailed descriptions (full pipeline): {report['object_recall']:.1%}", "",
               "## Training", "", "| run | first loss | final loss | steps |", "|---|---|---|---|"]
     for k, r in report["train_losses"].items():

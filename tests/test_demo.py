@@ -46,7 +46,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     img = Image.open(next((out / "world/heldout/images").iterdir()))
     (c,) = Engine(loaded).generate([Prompt.ask("What color is the circle?", [img])], GenerationConfig(max_new_tokens=4))
     assert c.completion_tokens >= 1 and c.prompt_tokens > loaded.config.num_image_tokens
-    assert "## Ablations" in (out / "report.md").read_text()
+    assert "## Ablations" in (out / "report.md").read_text() and "## Targets" in (out / "report.md").read_text()
+    assert set(saved["targets"]) == {"total_s", "full_accuracy", "text_only_vs_majority", "full_over_text_only"}
 
 
 def test_demo_same_seed_same_numbers(tmp_path):
@@ -75,4 +76,6 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     # Not only because the blank image breaks the answer format: the answers' first words too.
     first = report["accuracy_first_word"]
     assert first["full"] - first["text_only"] >= 0.20
-    assert "vistune chat --model" in capsys.readouterr().out
+    assert report["targets"]["full_over_text_only"]["met"] and report["targets"]["text_only_vs_majority"]["met"]
+    printed = capsys.readouterr().out
+    assert "vistune chat --model" in printed and "Targets met:" in printed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +23,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(cfg)
     acc = report["accuracy"]
     print("\nHeld-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    missed = [f"{k} {t['value']:g} (target {t['target']})" for k, t in report["targets"].items() if not t["met"]]
+    print(f"Targets met: {len(report['targets']) - len(missed)} of {len(report['targets'])}"
+          + (f"; not met: {'; '.join(missed)}" if missed else ""))
     print(f"Report: {args.out}/report.md   (total {report['timings']['total_s']:.0f} s)")
+    image = min((Path(args.out) / "world/heldout/images").iterdir())
     print("\nTalk to the model:")
-    print(f"  vistune chat --model {report['model_dir']} --image {args.out}/world/heldout/images/"
-          f"{sorted((__import__('pathlib').Path(args.out) / 'world/heldout/images').iterdir())[0].name}")
+    print(f"  vistune chat --model {report['model_dir']} --image {image}")
     print(f"  vistune serve --model {report['model_dir']}")
     return 0

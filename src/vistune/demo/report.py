@@ -10,6 +10,31 @@ LABELS = {"full": "full pipeline", "no_stage1": "no stage 1", "stage1_only": "st
           "text_only": "text only (blank image)"}
 
 
+# Issue 5's targets: the demo reports its own standing against them.
+FULL_ACCURACY_TARGET = 0.90
+TEXT_ONLY_MARGIN = 0.05  # text only may beat the majority answer by at most this
+IMAGE_GAP_TARGET = 0.20  # full must beat text only by at least this
+
+
+def check_targets(report: dict, time_budget_s: float) -> dict[str, dict]:
+    """Each target with its bar, the measured value and whether it was met."""
+    acc = report["accuracy"]
+    targets = {
+        "total_s": {"target": f"<= {time_budget_s:g}", "value": report["timings"]["total_s"],
+                    "met": report["timings"]["total_s"] <= time_budget_s},
+        "full_accuracy": {"target": f">= {FULL_ACCURACY_TARGET:g}", "value": acc["full"],
+                          "met": acc["full"] >= FULL_ACCURACY_TARGET},
+    }
+    if "text_only" in acc:
+        bar = report["majority_baseline"]["overall"] + TEXT_ONLY_MARGIN
+        targets["text_only_vs_majority"] = {"target": f"<= {bar:.4f} (majority answer + {TEXT_ONLY_MARGIN:g})",
+                                            "value": acc["text_only"], "met": acc["text_only"] <= bar}
+        gap = round(acc["full"] - acc["text_only"], 4)
+        targets["full_over_text_only"] = {"target": f">= {IMAGE_GAP_TARGET:g}", "value": gap,
+                                          "met": gap >= IMAGE_GAP_TARGET}
+    return targets
+
+
 def _savefig(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
@@ -79,6 +104,9 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
                  " | ".join(f"{maj.get(k, 0):.0%}" for k in kinds) + " |")
     lines += ["", "*First word*: the answer's first word is the expected one, whether or not the model "
               "stopped after it (exact match needs both)."]
+    lines += ["", "## Targets", "", "| target | bar | measured | met |", "|---|---|---|---|"]
+    for k, t in report.get("targets", {}).items():
+        lines.append(f"| {k.replace('_', ' ')} | {t['target']} | {t['value']:g} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", f"Object recall of detailed descriptions (full pipeline): {report['object_recall']:.1%}", "",
               "## Training", "", "| run | first loss | final loss | steps |", "|---|---|---|---|"]
     for k, r in report["train_losses"].items():

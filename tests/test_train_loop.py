@@ -114,3 +114,14 @@ def test_resume_refuses_a_changed_data_plan(tiny_data, tmp_path):
     run(cfg)
     with pytest.raises(Exception, match=r"data plan changed \(global_batch: 4 -> 8"):
         run(cfg.with_overrides(["train.batch_size=8", "train.max_steps=3"]), resume="auto")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="FSDP does run on GPUs")
+def test_an_fsdp_launch_on_cpus_is_refused_not_run_as_lone_processes(tiny_data, tmp_path, monkeypatch):
+    # What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets: on a CPU accelerate
+    # builds no process group, and each process would train alone believing it is rank 0.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = tiny_config(tiny_data, tmp_path / "f", {"train.max_steps": 1}, stage=1)
+    with pytest.raises(Exception, match=r"FSDP launch, but accelerate set up NO on cpu: FSDP needs GPUs"):
+        run(cfg)
+    assert not (tmp_path / "f" / "model").exists()

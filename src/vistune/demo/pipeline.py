@@ -64,7 +64,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
         # Two minutes buy few updates, so the quick LM is narrow and shallow (a 2-layer, 128-wide
-        # step costs a fifth of the default's) and takes a higher rate: 480 steps of batch 8 at
+        # step costs a quarter of the default's) and takes a higher rate: 480 steps of batch 8 at
         # 1e-3 gave 58.6 % held out against 36.7 % text only, where the default LM's 60 steps of
         # 16 answered "small" to everything (12.8 %). The three LLaVA-Instruct kinds keep a
         # token share (docs/demo.md).

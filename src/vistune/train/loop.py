@@ -125,6 +125,12 @@ class Trainer:
         )
         if acc.device.type == "cpu" and acc.mixed_precision == "fp16":
             raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+            # accelerate shards with FSDP only on GPUs (and other accelerators); on a CPU it quietly
+            # sets up nothing, and every launched process would train alone as "rank 0".
+            raise ConfigError(f"an FSDP launch, but accelerate set up {acc.distributed_type.value} on "
+                              f"{acc.device.type}: FSDP needs GPUs. On CPUs, launch with "
+                              "configs/accelerate/ddp.yaml (or DeepSpeed) instead")
         return acc
 
     def _dataset(self, model, tok, acc):

@@ -60,8 +60,9 @@ class VisionPretrainConfig:
 class LMPretrainConfig:
     hidden_size: int = 256
     layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
+    # 8 heads of 32: 65.8 % held out against 64.9 % with 16 and 64.0 % with 4 (docs/demo.md).
+    heads: int = 8
+    kv_heads: int = 8
     intermediate_size: int = 768
     max_positions: int = 512
     steps: int = 150  # 300 gave no better stage 2 (57.7 % vs 58.4 % held out) and cost ~70 s more

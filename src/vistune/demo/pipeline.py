@@ -72,7 +72,8 @@ class DemoConfig:
             train_images=800, heldout_images=80, vocab_size=768,
             instruct_mix={"vqa": 1.0, "conversation": 0.05, "detail": 0.05, "reasoning": 0.05},
             vision=VisionPretrainConfig(steps=60),
-            lm=LMPretrainConfig(hidden_size=128, layers=2, intermediate_size=512, steps=60, batch_size=16),
+            lm=LMPretrainConfig(hidden_size=128, layers=2, heads=4, kv_heads=4, intermediate_size=512, steps=60,
+                              batch_size=16),
             stage1_steps=20, stage2_steps=480, stage2_batch=8, stage2_lr=1e-3, recall_images=16,
             time_budget_s=120.0,
         )

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,8 +53,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
 def test_demo_same_seed_same_numbers(tmp_path):
     """Issue 5: same seed, same numbers (deterministic on CPU)."""
-    from dataclasses import replace
-
     a = run_demo(replace(tiny_demo(tmp_path / "a"), ablations=False))
     b = run_demo(replace(tiny_demo(tmp_path / "b"), ablations=False))
     for key in ["accuracy", "accuracy_by_kind", "accuracy_first_word", "train_losses", "object_recall"]:

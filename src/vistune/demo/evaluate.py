@@ -66,7 +66,8 @@ def grade(questions: Sequence[dict], answers: Sequence[str]) -> Graded:
     for q, a in zip(questions, answers):
         got, expected = normalize(a), normalize(q["answer"])
         ok = int(got == expected)
-        first += got.split()[: len(expected.split())] == expected.split()
+        want = expected.split()
+        first += got.split()[: len(want)] == want
         hits[q["kind"]].append(ok)
         samples.append({"question_id": q["question_id"], "kind": q["kind"], "question": q["text"],
                         "answer": a, "expected": q["answer"], "correct": bool(ok)})

@@ -29,7 +29,7 @@ from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config, run
 from ..train.config import PRESETS_DIR
-from .evaluate import answer_questions, grade, majority_baseline, object_recall
+from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
 from .foundation import LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder
 from .report import check_targets, write_report
 
@@ -185,8 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with phase("evaluation on held-out scenes"):
         held_root = world / "heldout"
-        results: dict[str, dict] = {}
-        samples: dict[str, list] = {}
+        results: dict[str, Graded] = {}
         variants = [("full", s2.model_dir, False)]
         if cfg.ablations:
             variants += [("no_stage1", runs["no_stage1"].model_dir, False), ("stage1_only", s1.model_dir, False),
@@ -202,9 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 engines[model_dir] = Engine(loaded)
             engine = engines[model_dir]
             answers = answer_questions(engine, questions, held_root, blank=blank, progress=bar.update)
-            g = grade(questions, answers)
-            results[key] = {"accuracy": g.accuracy, "by_kind": g.by_kind, "n": g.n, "first_word": g.first_word}
-            samples[key] = g.samples
+            results[key] = grade(questions, answers)
         bar.close()
         engine = engines[s2.model_dir]
         recall, recall_samples = object_recall(engine, held_anns[: cfg.recall_images], held_root)
@@ -217,9 +214,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         report = {
             "seed": cfg.seed,
             "config": asdict(cfg),
-            "accuracy": {k: round(v["accuracy"], 4) for k, v in results.items()},
-            "accuracy_by_kind": {k: {kk: round(vv, 4) for kk, vv in v["by_kind"].items()} for k, v in results.items()},
-            "accuracy_first_word": {k: round(v["first_word"], 4) for k, v in results.items()},
+            "accuracy": {k: round(g.accuracy, 4) for k, g in results.items()},
+            "accuracy_by_kind": {k: {kk: round(vv, 4) for kk, vv in g.by_kind.items()} for k, g in results.items()},
+            "accuracy_first_word": {k: round(g.first_word, 4) for k, g in results.items()},
             "majority_baseline": {k: round(v, 4) for k, v in majority.items()},
             "object_recall": round(recall, 4),
             "questions": len(questions),
@@ -230,5 +227,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         }
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
         report["targets"] = check_targets(report, cfg.time_budget_s)
-        write_report(out, report, runs, samples, recall_samples)
+        write_report(out, report, runs, {k: g.samples for k, g in results.items()}, recall_samples)
     return report

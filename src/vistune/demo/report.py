@@ -95,17 +95,16 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
              "## Ablations (held-out exact-match accuracy)", "",
              "| variant | overall | first word | " + " | ".join(kinds) + " |",
              "|---|---|---|" + "---|" * len(kinds)]
-    first = report.get("accuracy_first_word", {})
+    first = report["accuracy_first_word"]
     for v, a in acc.items():
-        fw = f"{first[v]:.1%}" if v in first else "-"
-        lines.append(f"| {LABELS.get(v, v)} | {a:.1%} | {fw} | " +
+        lines.append(f"| {LABELS.get(v, v)} | {a:.1%} | {first[v]:.1%} | " +
                      " | ".join(f"{by_kind[v].get(k, 0):.0%}" for k in kinds) + " |")
     lines.append(f"| majority answer per kind | {maj['overall']:.1%} | {maj['overall']:.1%} | " +
                  " | ".join(f"{maj.get(k, 0):.0%}" for k in kinds) + " |")
     lines += ["", "*First word*: the answer's first word is the expected one, whether or not the model "
               "stopped after it (exact match needs both)."]
     lines += ["", "## Targets", "", "| target | bar | measured | met |", "|---|---|---|---|"]
-    for k, t in report.get("targets", {}).items():
+    for k, t in report["targets"].items():
         lines.append(f"| {k.replace('_', ' ')} | {t['target']} | {t['value']:g} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", f"Object recall of detailed descriptions (full pipeline): {report['object_recall']:.1%}", "",
               "## Training", "", "| run | first loss | final loss | steps |", "|---|---|---|---|"]

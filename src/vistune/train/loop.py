@@ -125,7 +125,7 @@ class Trainer:
         )
         if acc.device.type == "cpu" and acc.mixed_precision == "fp16":
             raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        if _launch_flag("ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
             # accelerate shards with FSDP only on GPUs (and other accelerators); on a CPU it quietly
             # sets up nothing, and every launched process would train alone as "rank 0".
             raise ConfigError(f"an FSDP launch, but accelerate set up {acc.distributed_type.value} on "
@@ -515,8 +515,13 @@ def _whole_models(acc):
         plugin.set_deepspeed_weakref()
 
 
+def _launch_flag(name: str) -> bool:
+    """A switch that `accelerate launch` sets in the environment of the processes it starts."""
+    return os.environ.get(name, "").lower() == "true"
+
+
 def _sharded_launch() -> bool:
-    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    return _launch_flag("ACCELERATE_USE_DEEPSPEED") or _launch_flag("ACCELERATE_USE_FSDP")
 
 
 def _has_accelerator() -> bool:

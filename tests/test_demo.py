@@ -31,6 +31,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (out / f).exists(), f
     saved = json.loads((out / "report.json").read_text())
     assert saved["seed"] == 0 and saved["timings"]["total_s"] > 0
+    assert saved["precision"] in {"bf16", "fp32"}
+    # The stages ran at the precision the report names.
+    for run in ["stage1", "stage2", "ablation-no-stage1"]:
+        assert f"precision: {saved['precision']}" in (out / run / "config.yaml").read_text(), run
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     # An exact match is also a first-word match, never the reverse.

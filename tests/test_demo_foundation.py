@@ -1,8 +1,10 @@
 import random
 
+import pytest
 import torch
 
-from vistune.demo.foundation import hard_negative, region_weights, scene_caption
+from vistune.demo import foundation
+from vistune.demo.foundation import hard_negative, region_weights, resolve_precision, scene_caption
 from vistune.instruct.annotations import Box
 from vistune.instruct.synth import WorldConfig, sample_scene
 
@@ -39,3 +41,13 @@ def test_region_weights_average_the_cells_inside_each_box():
     assert torch.allclose(w.sum(1), torch.ones(2))
     assert set(w[0].nonzero().flatten().tolist()) == {0, 1, 4, 5}  # the top-left 2x2 cells
     assert w[1].nonzero().flatten().tolist() == [15]  # too small for any cell centre: its own cell
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(foundation, "native_bf16", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(foundation, "native_bf16", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16")

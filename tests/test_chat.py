@@ -65,7 +65,7 @@ def prefill_lengths(engine) -> list[int]:
 def test_a_later_turn_prefills_only_its_new_message(tokenizer):
     # two copies of the same weights, so that each engine's calls are recorded apart
     engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
-    plain.reuse_last_turn, plain.template_prefix = False, None  # the reference: every prompt prefilled whole
+    plain.reuse_turns, plain.template_prefix = False, None  # the reference: every prompt prefilled whole
     seen, seen_plain = prefill_lengths(engine), prefill_lengths(plain)
     chats = [Chat(e, config=CFG) for e in (engine, plain)]
     img = noise_image(4)
@@ -82,13 +82,34 @@ def test_a_later_turn_prefills_only_its_new_message(tokenizer):
         if i:  # the whole previous prompt (image included) comes from the stored turn
             assert seen[-1] <= len(ids) - previous
         previous = len(ids)
-    assert engine.last_turn is not None and engine.last_turn.images is not None
+    assert engine.turns.last is not None and engine.turns.last.images is not None
+
+
+def test_interleaved_conversations_each_prefill_only_their_new_message(tokenizer):
+    """Two people taking turns (a web page, a server): each conversation keeps its own stored turn."""
+    engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
+    plain.reuse_turns, plain.template_prefix = False, None
+    seen = prefill_lengths(engine)
+    chats = {who: (Chat(engine, config=CFG), Chat(plain, config=CFG)) for who in ("ann", "bob")}
+    for (mine, ref), img in zip(chats.values(), (noise_image(7), noise_image(8))):
+        mine.attach(img)
+        ref.attach(img)
+    previous = {}
+    for i in range(3):
+        for who, (mine, ref) in chats.items():
+            text = f"{who} asks question {i}"
+            ids = engine.encode(mine._prompt(text)[0]).input_ids
+            assert mine.ask(text) == ref.ask(text)
+            if i:  # the other conversation's turn in between did not evict this one's
+                assert seen[-1] <= len(ids) - previous[who]
+            previous[who] = len(ids)
+    assert len(engine.turns) == 2  # one per conversation: each later turn replaced its earlier one
 
 
 def test_the_last_turn_serves_only_what_matches(tokenizer):
     # two copies of the same weights, so that each engine's calls are recorded apart
     engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
-    plain.reuse_last_turn, plain.template_prefix = False, None
+    plain.reuse_turns, plain.template_prefix = False, None
     seen = prefill_lengths(engine)
     engine.generate([Prompt.ask("what is in the image?", [noise_image(5)])], CFG)
     for image, reused_image in ((noise_image(6), False), (noise_image(5), True)):
@@ -103,7 +124,7 @@ def test_the_last_turn_serves_only_what_matches(tokenizer):
             assert seen[-1] >= len(ids) - first_image
         engine.generate([Prompt.ask("what is in the image?", [noise_image(5)])], CFG)  # the stored turn again
     # The stored keys and values are those a full prefill computes.
-    last = engine.last_turn
+    last = engine.turns.last
     with torch.inference_mode():
         out = engine.lm(input_ids=torch.tensor([last.ids[:1]]), use_cache=True)
     torch.testing.assert_close(out.past_key_values.layers[0].keys[0, :, 0], last.kv[0][0][0, :, 0],

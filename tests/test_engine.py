@@ -370,7 +370,7 @@ def test_the_template_prefix_is_prefilled_once_per_engine(tokenizer):
     model, tok = make_model(tokenizer)
     engine, plain = Engine(LoadedModel(model, tok)), Engine(LoadedModel(model, tok))
     plain.template_prefix = None  # the reference: every prompt prefilled whole
-    engine.reuse_last_turn = plain.reuse_last_turn = False  # this store alone (the last turn: below)
+    engine.reuse_turns = plain.reuse_turns = False  # this store alone (the last turn: below)
     stored = engine.template_prefix.ids
     cfg = GenerationConfig(max_new_tokens=8)
     for prompt in mixed_prompts():

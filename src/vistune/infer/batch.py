@@ -79,7 +79,8 @@ class BatchRun:
         self._finished: list[int] = []
         self._penalised = any(c.repetition_penalty != 1.0 for c in configs)
         self._state: _State | None = None
-        self._solo: tuple[list[int], torch.Tensor | None] | None = None  # the prompt of a one-row prefill
+        # a one-row prefill: its prompt ids, image embeddings, and the stored turn it continues
+        self._solo: tuple[list[int], torch.Tensor | None, StoredPrefix | None] | None = None
         self.add(prompts, configs, streams)
 
     # -- public ------------------------------------------------------------------
@@ -154,7 +155,11 @@ class BatchRun:
             stored, n_stored, stored_images = found
             if shared < n_stored:
                 shared, shared_images = n_stored, stored_images
-        self._solo = (prompts[0], row_embeds[0] if row_embeds else None) if len(rows) == 1 else None
+        # A prompt that holds all of a stored turn's prompt is that conversation's next turn (the
+        # reply, re-encoded, may differ from the generated tokens from its first token on). One that
+        # shares only the system prompt (or an image) with it is another conversation.
+        continues = stored if stored is not None and n_stored >= stored.prompt_length > 0 else None
+        self._solo = (prompts[0], row_embeds[0] if row_embeds else None, continues) if len(rows) == 1 else None
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
         # when nothing is shared): the padding sits where the rows start to differ.
@@ -354,14 +359,16 @@ class BatchRun:
         """Keep the keys and values of a row that ran alone, for its conversation's next turn.
         Views, not copies: once the row is dropped its cache is never written again."""
         eng, st, solo = self.engine, self._state, self._solo
-        if (not eng.reuse_last_turn or solo is None or r.finish_reason == "cancelled" or st is None
+        if (not eng.reuse_turns or solo is None or r.finish_reason == "cancelled" or st is None
                 or self._active != [r] or self._pending or st.mask is not None
                 or not isinstance(st.cache.layers[0], PreallocatedLayer)):
             return
         ids = solo[0] + r.tokens[:-1]  # the last token was chosen, not yet fed
         if len(ids) != st.length:
             return
-        eng.last_turn = StoredPrefix(ids, [(layer.keys, layer.values) for layer in st.cache.layers], solo[1])
+        # The turn it started from is this conversation's earlier state: replaced, not kept beside it.
+        eng.turns.add(StoredPrefix(ids, [(layer.keys, layer.values) for layer in st.cache.layers], solo[1],
+                                   prompt_length=len(solo[0])), replaces=solo[2])
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

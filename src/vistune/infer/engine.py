@@ -25,6 +25,7 @@ from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
 from .kv_cache import preallocated_cache
 from .memory import keep_freed_memory
+from .turn_store import TurnStore
 from .types import (
     Completion,
     EncodedPrompt,
@@ -45,7 +46,8 @@ MIN_STORED_PREFIX = 4
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, image_cache_size: int = 64, preallocate_cache: bool = True):
+    def __init__(self, loaded: LoadedModel, image_cache_size: int = 64, preallocate_cache: bool = True,
+                 stored_turns: int = 8, stored_turn_bytes: int = 1 << 30):
         self.loaded = loaded
         self.preallocate_cache = preallocate_cache
         self.model = loaded.model.eval()
@@ -74,10 +76,10 @@ class Engine:
         self.image_cache = ImageEmbedCache(image_cache_size)
         keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
         self.template_prefix = self._prefill_template_prefix() if preallocate_cache else None
-        # The keys and values of the last request that ran alone (prompt and reply): a
-        # conversation's next turn starts with them, so it prefills only its new message.
-        self.reuse_last_turn = preallocate_cache
-        self.last_turn: StoredPrefix | None = None
+        # The keys and values of recent requests that ran alone (prompt and reply), one per
+        # conversation: a conversation's next turn starts with them, so it prefills only its new message.
+        self.reuse_turns = preallocate_cache
+        self.turns = TurnStore(stored_turns, stored_turn_bytes)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -114,12 +116,12 @@ class Engine:
                           ) -> tuple[StoredPrefix, int, int] | None:
         """The stored keys and values that start every one of ``prompts`` (token ids; ``images``: each
         prompt's image embeddings) for the most tokens: (store, tokens, images), or None when
-        neither the template's prefix nor (for one prompt) the last turn covers at least
+        neither the template's prefix nor (for one prompt) a stored turn covers at least
         MIN_STORED_PREFIX tokens."""
         best = None
-        # the last turn belongs to one conversation: it serves a prompt that runs alone
-        last = self.last_turn if self.reuse_last_turn and len(prompts) == 1 else None
-        for stored in (self.template_prefix, last):
+        # a stored turn belongs to one conversation: it serves a prompt that runs alone
+        turns = self.turns.recent() if self.reuse_turns and len(prompts) == 1 else []
+        for stored in (self.template_prefix, *turns):
             if stored is None:
                 continue
             # every row has the store's ids up to the shortest match, so its image count too
@@ -127,6 +129,8 @@ class Engine:
                                                    self.num_image_tokens) for i, ids in enumerate(prompts))
             if n >= MIN_STORED_PREFIX and (best is None or n > best[1]):
                 best = (stored, n, n_images)
+        if best is not None:
+            self.turns.touch(best[0])
         return best
 
     # -- prompts ---------------------------------------------------------------

@@ -91,6 +91,7 @@ class StoredPrefix:
     ids: list[int]
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, len(ids), head_dim)
     images: torch.Tensor | None = None  # embeddings of the images among ``ids``, in order
+    prompt_length: int = 0  # a stored turn: where its prompt ends and its reply begins
 
     def common_length(self, ids: list[int], images: torch.Tensor | None, image_token_id: int,
                       per_image: int) -> tuple[int, int]:

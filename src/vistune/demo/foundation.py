@@ -54,7 +54,7 @@ class VisionPretrainConfig:
     warmup: int = 20
     region_weight: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # autocast: auto = bf16 where the CPU has it natively
+    precision: str = "fp32"  # autocast: auto = bf16 where the CPU has it natively (see DemoConfig.precision)
 
 
 @dataclass

@@ -11,10 +11,13 @@
    so machine-load drift hits every case alike.
 2. `vistune serve` in a subprocess, hit by 1 and then 8 concurrent OpenAI clients:
    completion tokens/s of the server.
+3. Two chats taking turns on one engine (five questions each): the median time of turns 2-5
+   when the engine stores one turn per conversation (the default) against one turn in all.
 
 Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1 end to end,
-decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1, plus the raw
-figures, among them vistune's first-step and per-decode-step times) and prints a table.
+decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1,
+interleaved_chat_speedup, plus the raw figures, among them vistune's first-step and
+per-decode-step times) and prints a table.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch
 from PIL import Image
 
 from vistune.files import write_json
+from vistune.infer.chat import Chat
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.model.build import build_vlm
 from vistune.model.checkpoint import LoadedModel, save_model
@@ -143,7 +147,10 @@ def time_round_robin(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
     loaded, tok = build_tiny()
-    engine = Engine(loaded, image_cache_size=0)  # every run encodes its images, as HF does
+    # Every run encodes its images and prefills its whole prompt, as HF does: no image cache, and no
+    # stored turns (the same eight prompts come round again, and would be served from the store).
+    engine = Engine(loaded, image_cache_size=0)
+    engine.reuse_turns = False
     hf = to_llava_hf(loaded)
     suppress = engine._suppress
     cfg = GenerationConfig(max_new_tokens=new_tokens)
@@ -284,6 +291,36 @@ def bench_serve(new_tokens: int, requests_per_client: int) -> dict:
             "mean_batch_size_8_clients": mean8}
 
 
+
+def bench_interleaved_chats(repeats: int, new_tokens: int = 10) -> dict:
+    """Median turn time (turns 2-5) of two conversations that take turns on one engine."""
+    loaded, _ = build_tiny()
+    pictures = images(2)
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+
+    def run(stored_turns: int) -> float:
+        engine = Engine(loaded, stored_turns=stored_turns)
+        chats = [Chat(engine, config=cfg) for _ in pictures]
+        for chat, picture in zip(chats, pictures):
+            chat.attach(picture)
+        times = []
+        for i, question in enumerate(QUESTIONS[:5]):
+            for chat in chats:
+                t0 = time.perf_counter()
+                chat.ask(question)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    medians: dict[int, list[float]] = {1: [], 8: []}
+    for _ in range(repeats):  # alternated, so that load drift hits both alike
+        for n in medians:
+            medians[n].append(run(n))
+    one, per = statistics.median(medians[1]), statistics.median(medians[8])
+    return {"turn_ms_one_stored_turn": one * 1e3, "turn_ms_turn_per_conversation": per * 1e3,
+            "new_tokens": new_tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -291,6 +328,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-vs-transformers part")
+    ap.add_argument("--no-chat", action="store_true", help="skip the interleaved-chats part")
     # One thread by default: on a shared 2-core machine, two OpenMP threads stall whenever another
     # process holds a core (measured: 16 tok/s instead of ~240 at batch 1).
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
@@ -326,6 +364,13 @@ def main() -> None:
                      f"1 client {srv['clients1_tokens_per_s']:.0f} tok/s",
                      f"{result['concurrent8_over_1']:.2f}x (target >= 3); mean batch {srv['mean_batch_size_8_clients']:.1f}",
                      "-"))
+    if not args.no_chat:
+        chat = bench_interleaved_chats(args.repeats)
+        result["interleaved_chat_speedup"] = chat["turn_ms_one_stored_turn"] / chat["turn_ms_turn_per_conversation"]
+        result["chat"] = chat
+        rows.append(("2 chats, turns 2-5", f"{chat['turn_ms_turn_per_conversation']:.1f} ms/turn",
+                     f"1 stored {chat['turn_ms_one_stored_turn']:.1f} ms",
+                     f"{result['interleaved_chat_speedup']:.2f}x faster turns", "-"))
     print(f"\n{'case':<20} {'throughput':<14} {'baseline':<20} {'ratio':<48} same text as HF")
     for r in rows:
         print(f"{r[0]:<20} {r[1]:<14} {r[2]:<20} {r[3]:<48} {r[4]}")

@@ -61,9 +61,9 @@ class DemoConfig:
     ablations: bool = True
     threads: int = 0  # 0: torch's default
     # Of vision pretraining, stage 1 and stage 2 (auto: bf16 where the CPU has it natively). bf16
-    # made the default run 9 % faster, but with seed 1 each stage run in bf16 lost the colour
-    # lookup (17-18 % against 46 % in fp32), so fp32 is the default (docs/demo.md). The stage-0 LM
-    # has its own setting (LMPretrainConfig.precision).
+    # made the default run 9 % faster but a little less accurate for seeds 0 and 1 (64.1 vs 65.5 %,
+    # 50.3 vs 53.6 %), so fp32 is the default (docs/demo.md). The stage-0 LM has its own setting
+    # (LMPretrainConfig.precision).
     precision: str = "fp32"
     time_budget_s: float = 600.0  # issue 5's target, reported as met or not
 

@@ -85,7 +85,7 @@ def test_a_later_turn_prefills_only_its_new_message(tokenizer):
     assert engine.turns.last is not None and engine.turns.last.images is not None
 
 
-def test_interleaved_conversations_each_prefill_only_their_new_message(tokenizer):
+def test_interleaved_conversations_each_reuse_their_previous_turn(tokenizer):
     """Two people taking turns (a web page, a server): each conversation keeps its own stored turn."""
     engine, plain = (Engine(LoadedModel(*make_model(tokenizer))) for _ in range(2))
     plain.reuse_turns, plain.template_prefix = False, None

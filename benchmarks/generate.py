@@ -291,7 +291,6 @@ def bench_serve(new_tokens: int, requests_per_client: int) -> dict:
             "mean_batch_size_8_clients": mean8}
 
 
-
 def bench_interleaved_chats(repeats: int, new_tokens: int = 10) -> dict:
     """Median turn time (turns 2-5) of two conversations that take turns on one engine."""
     loaded, _ = build_tiny()

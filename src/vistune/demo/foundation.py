@@ -267,12 +267,13 @@ def pretrain_language_model(
     lm.train()
     L = min(cfg.seq_len, len(data) - 1)
     valid_starts = [s for s in doc_starts if s + L < len(data)] or [0]
+    bf16 = resolve_precision(cfg.precision) == "bf16"
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
         starts = [rng.choice(valid_starts) for _ in range(cfg.batch_size)]
         x = torch.stack([data[s: s + L] for s in starts])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision(cfg.precision) == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = lm(input_ids=x).logits
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)

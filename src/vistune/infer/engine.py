@@ -77,7 +77,8 @@ class Engine:
         keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
         self.template_prefix = self._prefill_template_prefix() if preallocate_cache else None
         # The keys and values of recent requests that ran alone (prompt and reply), one per
-        # conversation: a conversation's next turn starts with them, so it prefills only its new message.
+        # conversation: a conversation's next turn starts with them, so it prefills only what follows
+        # its previous prompt.
         self.reuse_turns = preallocate_cache
         self.turns = TurnStore(stored_turns, stored_turn_bytes)
 

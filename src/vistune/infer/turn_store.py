@@ -74,6 +74,3 @@ class TurnStore:
             if t is turn:
                 self._turns.insert(0, self._turns.pop(i))
                 return
-
-    def clear(self) -> None:
-        self._turns.clear()

@@ -2,7 +2,7 @@
 
     OUTPUT_DIR/checkpoints/step-00000040/
         trainable.safetensors   the weights that learn (frozen ones are rebuilt from the config)
-        optimizer.pt            AdamW state (tensors and numbers only: read with weights_only=True)
+        optimizer.pt            optimizer state (tensors and numbers only: read with weights_only=True)
         scheduler.json          learning-rate schedule position
         rng.json                Python / NumPy / torch RNG states of every process
         trainer_state.json      step, epoch, data position, bad records, the data plan

@@ -82,6 +82,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | muon (Muon on the linear layers' matrices, AdamW on the rest)
+    muon_lr: float | None = None  # rate of the matrices Muon updates; default: their module's rate
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
@@ -357,6 +359,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.projector cannot be lora (the projector is small: train it fully or freeze it)")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
     for key in ("batch_size", "grad_accum", "epochs", "keep_last", "log_every"):
@@ -370,7 +374,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.max_bad_records < 0:
         raise ConfigError(f"train.max_bad_records must be >= 0, got {t.max_bad_records}")
-    for key in ("lr", "vision_lr", "projector_lr", "llm_lr"):
+    for key in ("lr", "vision_lr", "projector_lr", "llm_lr", "muon_lr"):
         v = getattr(t, key)
         if v is not None and v < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {v}")

@@ -30,8 +30,9 @@ from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
 from .packing import use_packed_attention
+from .optim import build_optimizer
 from .sampler import BatchPlan
-from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, param_groups, save_projector,
+from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, save_projector,
                      set_train_mode, trainable_state_dict)
 
 log = logging.getLogger("vistune.train")
@@ -188,11 +189,14 @@ class Trainer:
         pack_len = cfg.data.pack_length or cfg.data.max_length or model.config.max_length
         collator = TrainCollator(tok.pad_token_id, cfg.data.packing, pack_len)
 
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+        optimizer = build_optimizer(model, cfg)
         warmup = math.ceil(t.warmup_ratio * total)
         sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
         scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if self.sharded and t.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "
+                              "use train.optimizer: adamw there, or DDP (configs/accelerate/ddp.yaml)")
         if acc.distributed_type == DistributedType.DEEPSPEED:
             _fill_deepspeed_config(acc, t)
         model, optimizer = acc.prepare(model, optimizer)
@@ -367,7 +371,7 @@ class Trainer:
             gnorm = float(g) if g is not None else None
         elif n_sup > 0 and self.cfg.train.max_grad_norm:
             gnorm = float(acc.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm))
-        optimizer.step()  # a step of only bad records has no gradients: AdamW leaves the weights alone
+        optimizer.step()  # a step of only bad records has no gradients: the optimizer leaves the weights alone
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:

@@ -1,0 +1,109 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import make_model
+from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
+from vistune.train import ConfigError, run
+from vistune.train.checkpoints import list_checkpoints
+from vistune.train.optim import MuonAdamW, build_optimizer, muon_matrices
+from vistune.train.stages import apply_modes
+
+
+def _names(model, ids):
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("text", ["llama", "gpt2"])
+def test_muon_takes_the_linear_matrices_and_leaves_embeddings_heads_and_norms_to_adamw(tokenizer, text):
+    model, _ = make_model(tokenizer, text=text)
+    names = _names(model, muon_matrices(model))
+    assert names, "no matrix for Muon"
+    assert any(n.startswith("projector.") for n in names)
+    assert any(n.startswith("language_model.") for n in names)
+    for n in names:
+        p = dict(model.named_parameters())[n]
+        assert p.ndim == 2
+        assert not any(k in n for k in ("embed", "wte", "wpe", "lm_head", "norm", "ln_")), n
+    # GPT-2 ties its head to the token embedding: that matrix stays on AdamW too.
+    emb = model.language_model.get_input_embeddings().weight
+    assert id(emb) not in muon_matrices(model)
+
+
+def test_a_muon_step_moves_only_what_learns_and_follows_the_scheduler(tokenizer, tiny_data, tmp_path):
+    model, _ = make_model(tokenizer)
+    cfg = tiny_config(tiny_data, tmp_path, {"train.optimizer": "muon", "train.lr": 1e-3, "train.muon_lr": 2e-3},
+                      stage=1)
+    apply_modes(model, cfg)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, MuonAdamW)
+    assert {g["name"] for g in opt.muon.param_groups} == {"projector/muon"}
+    assert all(g["lr"] == 2e-3 for g in opt.muon.param_groups)
+    assert all(g["lr"] == 1e-3 for g in opt.adamw.param_groups)  # the projector's biases
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(1e-3)  # the scheduler reaches Muon's groups
+    x = torch.randn(3, model.projector[0].in_features)
+    model.projector(x).square().sum().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == n.startswith("projector."), n
+
+
+def _one_step(model, opt, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(4, model.projector[0].in_features)
+    model.projector(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_the_muon_state_round_trips_so_a_resumed_run_continues_exactly(tokenizer, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, {"train.optimizer": "muon", "train.lr": 1e-3}, stage=1)
+    a, _ = make_model(tokenizer)
+    apply_modes(a, cfg)
+    opt_a = build_optimizer(a, cfg)
+    _one_step(a, opt_a, 0)
+    b, _ = make_model(tokenizer)
+    apply_modes(b, cfg)
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, cfg)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as if read back from a checkpoint
+    _one_step(a, opt_a, 1)
+    _one_step(b, opt_b, 1)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+    adamw = torch.optim.AdamW(a.projector.parameters())
+    with pytest.raises(ValueError, match="not a Muon"):
+        opt_b.load_state_dict(adamw.state_dict())
+
+
+def test_a_stage2_run_with_muon_learns_and_resumes_from_its_checkpoint(tiny_data, base_model_dir, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "m", {"model": {"from": str(base_model_dir)}, "train.max_steps": 12,
+                                                  "train.optimizer": "muon", "train.lr": 3e-3,
+                                                  "train.save_every": 6, "train.keep_last": 3})
+    straight = run(cfg)
+    rows = [json.loads(x) for x in straight.metrics_path.read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert "optimizer: muon" in (straight.output_dir / "config.yaml").read_text()
+    # From the step-6 checkpoint (optimizer.pt read back with weights_only=True), steps 7-12 repeat.
+    half = list_checkpoints(straight.output_dir)[0]
+    resumed = run(cfg.with_overrides([f"output_dir={tmp_path / 'r'}"]), resume=str(half))
+    again = [json.loads(x) for x in resumed.metrics_path.read_text().splitlines()]
+    tail = [r for r in again if r["step"] > 6]
+    assert [r["step"] for r in tail] == list(range(7, 13))
+    assert [r["loss"] for r in tail] == pytest.approx(losses[6:], rel=1e-4, abs=1e-5)
+
+
+def test_unknown_optimizer_and_negative_muon_rate_are_refused(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="train.optimizer must be adamw or muon"):
+        tiny_config(tiny_data, tmp_path, {"train.optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="train.muon_lr must be >= 0"):
+        tiny_config(tiny_data, tmp_path, {"train.muon_lr": -1.0})

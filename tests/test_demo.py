@@ -35,6 +35,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # The stages ran at the precision the report names.
     for run in ["stage1", "stage2", "ablation-no-stage1"]:
         assert f"precision: {saved['precision']}" in (out / run / "config.yaml").read_text(), run
+    # Stage 2 and its ablation train with Muon (the preset's optimizer), stage 1 with AdamW.
+    assert "optimizer: adamw" in (out / "stage1" / "config.yaml").read_text()
+    for run in ["stage2", "ablation-no-stage1"]:
+        assert "optimizer: muon" in (out / run / "config.yaml").read_text(), run
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     # An exact match is also a first-word match, never the reverse.
@@ -82,3 +86,21 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     assert report["targets"]["full_over_text_only"]["met"] and report["targets"]["text_only_vs_majority"]["met"]
     printed = capsys.readouterr().out
     assert "vistune chat --model" in printed and "Targets met:" in printed
+
+
+def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch):
+    import vistune.demo.pipeline as pipeline
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        (tmp_path / "world/heldout/images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "world/heldout/images/a.png").touch()
+        return {"accuracy": {"full": 0.5}, "targets": {}, "timings": {"total_s": 1.0}, "model_dir": "m"}
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run)
+    for args in (["--precision", "bf16"], [], ["--quick"], ["--quick", "--precision", "auto"]):
+        assert main(["demo", "--out", str(tmp_path), *args]) == 0
+    assert [c.precision for c in seen] == ["bf16", "auto", "fp32", "auto"]
+    assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 16

@@ -24,6 +24,7 @@ from ..files import atomic_write_text
 MODULE_MODES = ("frozen", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class ConfigError(ValueError):
@@ -359,8 +360,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.projector cannot be lora (the projector is small: train it fully or freeze it)")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    if t.optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be {' or '.join(OPTIMIZERS)}, got {t.optimizer!r}")
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
     for key in ("batch_size", "grad_accum", "epochs", "keep_last", "log_every"):

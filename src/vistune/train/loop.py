@@ -29,8 +29,8 @@ from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
-from .packing import use_packed_attention
 from .optim import build_optimizer
+from .packing import use_packed_attention
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, save_projector,
                      set_train_mode, trainable_state_dict)

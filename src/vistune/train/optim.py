@@ -19,15 +19,13 @@ from transformers.pytorch_utils import Conv1D
 from .config import ConfigError, RunConfig
 from .stages import param_groups
 
-OPTIMIZERS = ("adamw", "muon")
-
-
 def muon_matrices(model: nn.Module) -> set[int]:
     """ids of the weights Muon updates: every linear layer's matrix but an output head.
 
     GPT-2's ``Conv1D`` is a linear layer with its matrix transposed, which Muon's
-    orthogonalisation does not mind. The output head is an embedding of the vocabulary, read one row per token like the
-    input embedding, so it stays on AdamW (as does a head tied to the input embedding).
+    orthogonalisation does not mind. The output head is an embedding of the vocabulary,
+    read one row per token like the input embedding, so it stays on AdamW (as does a head
+    tied to the input embedding).
     """
     heads = {id(m.get_output_embeddings().weight) for m in model.modules()
              if hasattr(m, "get_output_embeddings") and isinstance(m.get_output_embeddings(), nn.Module)}

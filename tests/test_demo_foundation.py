@@ -44,9 +44,9 @@ def test_region_weights_average_the_cells_inside_each_box():
 
 
 def test_precision_auto_follows_the_cpu(monkeypatch):
-    monkeypatch.setattr(foundation, "native_bf16", lambda: True)
+    monkeypatch.setattr(foundation, "native_bf16_cpu", lambda: True)
     assert resolve_precision("auto") == "bf16"
-    monkeypatch.setattr(foundation, "native_bf16", lambda: False)
+    monkeypatch.setattr(foundation, "native_bf16_cpu", lambda: False)
     assert resolve_precision("auto") == "fp32"
     assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match="fp16"):

@@ -8,7 +8,8 @@ from conftest import make_model
 from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
 from vistune.train import ConfigError, run
 from vistune.train.checkpoints import list_checkpoints
-from vistune.train.optim import MuonAdamW, build_optimizer, muon_matrices
+from vistune.train import optim
+from vistune.train.optim import Muon, MuonAdamW, build_optimizer, muon_matrices, orthogonalize
 from vistune.train.stages import apply_modes
 
 
@@ -107,3 +108,59 @@ def test_unknown_optimizer_and_negative_muon_rate_are_refused(tiny_data, tmp_pat
         tiny_config(tiny_data, tmp_path, {"train.optimizer": "sgd"})
     with pytest.raises(ConfigError, match="train.muon_lr must be >= 0"):
         tiny_config(tiny_data, tmp_path, {"train.muon_lr": -1.0})
+
+
+def _two_steps(opt_cls, params, grads, **kw):
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = opt_cls([{"params": params, "lr": 0.02, "weight_decay": 0.1}], **kw)
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+    return params, opt
+
+
+def test_muon_equals_torchs_where_bf16_is_native_and_runs_fp32_where_it_is_not(monkeypatch):
+    torch.manual_seed(0)
+    params = [torch.randn(24, 8), torch.randn(8, 24), torch.randn(16, 16)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    reference, ref_opt = _two_steps(torch.optim.Muon, params, grads, adjust_lr_fn="match_rms_adamw")
+
+    monkeypatch.setattr(optim, "fast_bf16", lambda device: True)
+    ours, opt = _two_steps(Muon, params, grads)
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)  # torch's rule, bit for bit
+    assert all(torch.equal(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+               for a, b in zip(ours, reference))
+
+    # Emulated bf16 is dozens of times slower than fp32: there the iteration runs in fp32.
+    seen = []
+    real = optim.orthogonalize
+    monkeypatch.setattr(optim, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(optim, "orthogonalize", lambda *a: seen.append(a[-1]) or real(*a))
+    fp32, _ = _two_steps(Muon, params, grads)
+    assert set(seen) == {torch.float32}
+    for a, b, p0 in zip(fp32, reference, params):
+        assert not torch.equal(a, b)
+        # bf16's rounding is the only difference: small against the step itself.
+        assert (a - b).norm() < 0.05 * (b - p0).norm()
+
+
+def test_orthogonalize_flattens_the_spectrum_of_wide_and_tall_matrices():
+    torch.manual_seed(0)
+    for shape in [(16, 48), (48, 16)]:
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+        g = u @ torch.diag(torch.logspace(-2, 0, k)) @ v.T  # singular values from 0.01 to 1
+        o = orthogonalize(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+        assert o.shape == g.shape and o.dtype == g.dtype
+        s = torch.linalg.svdvals(o)
+        # the quintic iteration aims at ~1 for every direction, not exactly 1 (torch's docstring)
+        assert s.min() > 0.3 and s.max() < 1.3, s
+        assert torch.linalg.svdvals(g).min() < 0.011
+
+
+def test_muon_refuses_another_rate_scaling():
+    with pytest.raises(ValueError, match="match_rms_adamw"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="original")

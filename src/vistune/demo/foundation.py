@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 
 from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
+from ..hardware import native_bf16_cpu
 from ..instruct.annotations import Box
 from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
 from ..model.checkpoint import image_processor_dict
@@ -291,19 +292,8 @@ def pretrain_language_model(
     return Path(out_dir)
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There a bf16 matmul
-    runs ~2.4x faster than fp32 (measured on the development machine's EPYC); elsewhere oneDNN
-    emulates it, and fp32 is the safer choice."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str) -> str:
     """``auto`` -> ``bf16`` on CPUs with native bf16, else ``fp32``; ``bf16`` / ``fp32`` as given."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    return ("bf16" if native_bf16() else "fp32") if precision == "auto" else precision
+    return ("bf16" if native_bf16_cpu() else "fp32") if precision == "auto" else precision

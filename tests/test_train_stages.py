@@ -73,8 +73,11 @@ def test_a_tiny_model_learns_a_small_repeated_batch(tiny_data, tmp_path):
     assert r.final_loss < 0.3 * r.first_loss, (r.first_loss, r.final_loss)
 
 
-def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path):
+def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path, monkeypatch, caplog):
     import importlib.util
+    import logging
+
+    from vistune.train import loop
 
     import pytest
 
@@ -87,8 +90,11 @@ def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path):
 
     ref = losses("ref", {})
     assert losses("ckpt", {"train.gradient_checkpointing": True}) == pytest.approx(ref, rel=1e-5)
-    bf16 = losses("bf16", {"train.precision": "bf16"})  # autocast on CPU
+    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="vistune.train"):
+        bf16 = losses("bf16", {"train.precision": "bf16"})  # autocast on CPU
     assert bf16 == pytest.approx(ref, rel=3e-2) and bf16 != ref
+    assert "bf16 is emulated" in caplog.text  # a CPU without native bf16: the user is told it is slow
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
         losses("fp16", {"train.precision": "fp16"})
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:

@@ -39,6 +39,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert "optimizer: adamw" in (out / "stage1" / "config.yaml").read_text()
     for run in ["stage2", "ablation-no-stage1"]:
         assert "optimizer: muon" in (out / run / "config.yaml").read_text(), run
+        # ...and both read the frozen ResNet's features from one cache, built once.
+        assert f"feature_cache: {out / 'feature_cache'}" in (out / run / "config.yaml").read_text(), run
+    assert (out / "feature_cache" / "index.json").exists()
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     # An exact match is also a first-word match, never the reverse.
@@ -103,4 +106,4 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     for args in (["--precision", "bf16"], [], ["--quick"], ["--quick", "--precision", "auto"]):
         assert main(["demo", "--out", str(tmp_path), *args]) == 0
     assert [c.precision for c in seen] == ["bf16", "auto", "fp32", "auto"]
-    assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 16
+    assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8

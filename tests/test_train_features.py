@@ -133,3 +133,17 @@ def test_storage_dtype_only_rounds_what_a_linear_would_round(tokenizer):
     assert storage_dtype(model, "bf16") == torch.bfloat16
     model.projector = torch.nn.Identity()  # features go straight into the LLM: not rounded
     assert storage_dtype(model, "bf16") is None
+
+
+def test_fingerprint_covers_convolutional_towers_and_their_0_dim_buffers():
+    """A ResNet tower (the demo's) holds BatchNorm's 0-dim counters: hashing them failed before."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from vistune.train.features import _hash_tensors
+
+    net = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    assert any(t.dim() == 0 for t in net.state_dict().values())
+    before = _hash_tensors(net)
+    assert _hash_tensors(net) == before
+    next(b for n, b in net.named_buffers() if n.endswith("num_batches_tracked")).add_(1)
+    assert _hash_tensors(net) != before

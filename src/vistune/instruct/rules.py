@@ -183,8 +183,11 @@ def describe(ann: ImageAnnotation, rng: random.Random) -> str:
     head = rng.choice([
         f"The image shows {number_word(n)} {'object' if n == 1 else 'objects'} on a plain gray background.",
         f"This is a simple picture with {number_word(n)} {'shape' if n == 1 else 'shapes'} on gray.",
-        f"There {'is' if n == 1 else 'are'} {number_word(n)} {'shape' if n == 1 else 'shapes'} in this gray image.",
+        f"The picture holds {number_word(n)} {'shape' if n == 1 else 'shapes'} on gray.",
     ])
+    # No opening like "There are four ...": that is how a count answer begins ("There are four
+    # objects."), and a model that met both would answer "describe the image" with the count
+    # sentence and stop (object recall 2 % on seed 1, docs/demo.md)
     parts = [head]
     for i, b in enumerate(boxes):
         loc = location_phrase(b, ann.width, ann.height)

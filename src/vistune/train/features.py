@@ -47,7 +47,9 @@ def _hash_tensors(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked in a ResNet tower) cannot be
+        # viewed as bytes as it is.
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
 from vistune.train import ConfigError, run
 from vistune.train.checkpoints import list_checkpoints
 from vistune.train import optim
-from vistune.train.optim import Muon, MuonAdamW, build_optimizer, muon_matrices, orthogonalize
+from vistune.model.checkpoint import load_model
+from vistune.train.optim import (Muon, MuonAdamW, build_optimizer, build_scheduler, muon_matrices,
+                                   orthogonalize)
 from vistune.train.stages import apply_modes
 
 
@@ -164,3 +167,63 @@ def test_orthogonalize_flattens_the_spectrum_of_wide_and_tall_matrices():
 def test_muon_refuses_another_rate_scaling():
     with pytest.raises(ValueError, match="match_rms_adamw"):
         Muon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="original")
+
+
+RATES = {"vision": 1e-4, "projector": 2e-3, "llm": 3e-4}
+
+
+def _schedule_factor(k: int, warmup: int, total: int) -> float:
+    """Linear warmup 0 -> 1, then cosine to 0 at ``total`` (written out, not transformers')."""
+    if k < warmup:
+        return k / warmup
+    return 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("optimizer,muon_lr", [("adamw", None), ("muon", None), ("muon", 5e-3)])
+def test_per_module_rates_reach_every_param_group_and_the_schedule_scales_each(tokenizer, tiny_data, tmp_path,
+                                                                              optimizer: str, muon_lr: float | None):
+    # train.lr is a decoy: every module has its own rate, so no group may carry it.
+    cfg = tiny_config(tiny_data, tmp_path, {"train.vision": "full", "train.llm": "full", "train.lr": 0.7,
+                                            "train.vision_lr": RATES["vision"], "train.projector_lr": RATES["projector"],
+                                            "train.llm_lr": RATES["llm"], "train.optimizer": optimizer,
+                                            "train.muon_lr": muon_lr, "train.warmup_ratio": 0.25})
+    model, _ = make_model(tokenizer)
+    apply_modes(model, cfg)
+    opt = build_optimizer(model, cfg)
+    groups = opt.param_groups
+    expected = {}
+    for g in groups:
+        part, kind = g["name"].split("/")
+        expected[g["name"]] = muon_lr if kind == "muon" and muon_lr is not None else RATES[part]
+        assert g["lr"] == expected[g["name"]], g["name"]
+    # every module's parameters are in some group, under its own rate
+    assert {g["name"].split("/")[0] for g in groups} == set(RATES)
+    if optimizer == "muon":
+        assert {g["name"] for g in opt.muon.param_groups} == {f"{p}/muon" for p in RATES}
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+    total = 8
+    sched = build_scheduler(opt, cfg.train, total)  # what the loop builds: warmup ceil(0.25 * 8) = 2 steps
+    for k in range(total + 1):
+        f = _schedule_factor(k, 2, total)
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(expected[g["name"]] * f, rel=1e-9, abs=1e-15), (k, g["name"])
+        opt.step()  # no gradients: nothing moves, but the scheduler expects a step first
+        sched.step()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_module_whose_rate_is_zero_stays_put_in_a_run(tiny_data, base_model_dir, tmp_path, optimizer: str):
+    # All three modules learn, but only the LLM has a rate: if the loop fell back to train.lr
+    # anywhere, the tower or the projector would move.
+    cfg = tiny_config(tiny_data, tmp_path / "run", {
+        "model": {"from": str(base_model_dir)}, "train.vision": "full", "train.lr": 1e-2, "train.vision_lr": 0.0,
+        "train.projector_lr": 0.0, "train.llm_lr": 1e-3, "train.weight_decay": 0.1, "train.max_steps": 2,
+        "train.optimizer": optimizer})
+    r = run(cfg)
+    before, _ = load_model(base_model_dir)
+    after, _ = load_model(r.model_dir)
+    b = before.state_dict()
+    moved = {k.split(".")[0] for k, v in after.state_dict().items() if not torch.equal(v, b[k])}
+    assert moved == {"language_model"}

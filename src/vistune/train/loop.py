@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import time
@@ -30,7 +29,7 @@ from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
-from .optim import build_optimizer
+from .optim import build_optimizer, build_scheduler
 from .packing import use_packed_attention
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, save_projector,
@@ -164,7 +163,6 @@ class Trainer:
     # -- the run ---------------------------------------------------------------
     def train(self) -> TrainResult:
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         acc = self._accelerator()
@@ -194,9 +192,7 @@ class Trainer:
         collator = TrainCollator(tok.pad_token_id, cfg.data.packing, pack_len)
 
         optimizer = build_optimizer(model, cfg)
-        warmup = math.ceil(t.warmup_ratio * total)
-        sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-        scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        scheduler = build_scheduler(optimizer, t, total)
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         if self.sharded and t.optimizer != "adamw":
             raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..hardware import fast_bf16
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .stages import param_groups
 
 
@@ -161,3 +161,17 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     if not muon_groups:
         raise ConfigError("train.optimizer is muon, but no linear layer learns: use adamw")
     return MuonAdamW(muon_groups, adamw_groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
+    """``train.scheduler`` with ``train.warmup_ratio`` of ``total_steps`` as linear warmup.
+
+    It scales every parameter group's own rate (the per-module rates, Muon's too) by
+    the same factor: 0 -> 1 over the warmup steps, then cosine / linear decay to 0 at
+    ``total_steps`` (or constant).
+    """
+    from transformers import get_scheduler
+
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -7,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from train_fixtures import subset, tiny_config, tiny_data  # noqa: F401
+from vistune.model.checkpoint import load_model
 from vistune.train import TooManyBadRecords, run
 from vistune.train.checkpoints import latest_checkpoint, list_checkpoints
 
@@ -125,3 +128,73 @@ def test_an_fsdp_launch_on_cpus_is_refused_not_run_as_lone_processes(tiny_data, 
     with pytest.raises(Exception, match=r"FSDP launch, but accelerate set up NO on cpu: FSDP needs GPUs"):
         run(cfg)
     assert not (tmp_path / "f" / "model").exists()
+
+
+class GradNorms:
+    """The gradient norm each AdamW step meets (a global step pre-hook: it sees what clipping left)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def __call__(self, opt, args, kwargs) -> None:
+        if type(opt) is not torch.optim.AdamW:
+            return  # accelerate's wrapper steps the same AdamW: count it once
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        self.seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+
+    def __enter__(self) -> "GradNorms":
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._handle = register_optimizer_step_pre_hook(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def _rows(r) -> list[dict]:
+    return [json.loads(x) for x in r.metrics_path.read_text().splitlines()]
+
+
+def test_lr_warms_up_then_follows_the_cosine_and_clipping_bounds_the_update(tiny_data, tmp_path):
+    # 6 steps, warmup ceil(0.34 * 6) = 3; max_grad_norm 1e-3 is far below any real norm, so every
+    # step clips; 1e9 never does.
+    common = {"train.max_steps": 6, "train.warmup_ratio": 0.34, "train.scheduler": "cosine", "train.lr": 1e-3}
+    with GradNorms() as clipped_seen:
+        clipped = _rows(run(tiny_config(tiny_data, tmp_path / "clip", {**common, "train.max_grad_norm": 1e-3})))
+    with GradNorms() as free_seen:
+        free = _rows(run(tiny_config(tiny_data, tmp_path / "free", {**common, "train.max_grad_norm": 1e9})))
+
+    # metrics.jsonl's lr is the rate each step applied: 0, 1/3, 2/3 of lr, then cosine down from lr.
+    expected = [k / 3 if k < 3 else 0.5 * (1 + math.cos(math.pi * (k - 3) / 3)) for k in range(6)]
+    assert [r["lr"] for r in clipped] == pytest.approx([1e-3 * f for f in expected], rel=1e-9, abs=1e-15)
+    assert [r["lr"] for r in free] == [r["lr"] for r in clipped]
+
+    # The logged grad_norm is the norm before clipping: the same in both runs at step 1 (same weights,
+    # same batch), and far above the 1e-3 the clipped run's optimizer actually met.
+    assert clipped[0]["grad_norm"] == pytest.approx(free[0]["grad_norm"], rel=1e-6)
+    assert len(clipped_seen.seen) == len(free_seen.seen) == 6
+    for row, seen in zip(clipped, clipped_seen.seen):
+        assert row["grad_norm"] > 100 * 1e-3
+        assert seen == pytest.approx(1e-3, rel=1e-3)  # the update used clipped gradients
+    for row, seen in zip(free, free_seen.seen):
+        assert seen == pytest.approx(row["grad_norm"], rel=1e-5)  # unclipped: what was logged
+
+
+def test_grad_accum_equals_one_big_batch(tiny_data, tmp_path):
+    # 2 micro-batches of 4 per step = 1 batch of 8: every step averages over the supervised tokens of
+    # its whole window, not over micro-batch means (the records' answers differ in length).
+    common = {"train.max_steps": 3, "train.lr": 3e-3, "data.shuffle": True}
+    accum = run(tiny_config(tiny_data, tmp_path / "accum", {**common, "train.batch_size": 4, "train.grad_accum": 2}))
+    big = run(tiny_config(tiny_data, tmp_path / "big", {**common, "train.batch_size": 8}))
+    a, b = _rows(accum), _rows(big)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]  # the same samples at every step
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    m1, _ = load_model(accum.model_dir)
+    m2, _ = load_model(big.model_dir)
+    s2 = m2.state_dict()
+    for k, v in m1.state_dict().items():
+        assert (v - s2[k]).abs().max() < 1e-5, k
+    # and the steps did learn something, so equal weights are not just two untouched models
+    assert a[-1]["loss"] < a[0]["loss"]

@@ -243,8 +243,8 @@ class Trainer:
                 for win in windows:
                     t0 = time.perf_counter()
                     micro = [next(it) for _ in win]
-                    loss, tokens, new_bad, gnorm = self._step(model, optimizer, scheduler, micro, trainable,
-                                                              maybe_unused)
+                    loss, tokens, new_bad, gnorm, lr = self._step(model, optimizer, scheduler, micro, trainable,
+                                                                  maybe_unused)
                     step += 1
                     tokens_done += tokens
                     dt = time.perf_counter() - t0
@@ -256,7 +256,6 @@ class Trainer:
                     if loss is not None:
                         first_loss = loss if first_loss is None else first_loss
                         last_loss = loss
-                    lr = scheduler.get_last_lr()[0]
                     rec = {"step": step, "epoch": round(epoch + (w0 + 1) / steps_per_epoch, 4), "loss": loss,
                            "lr": lr, "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None,
                            "bad_records": len(bad), "time": round(time.perf_counter() - start_time, 3)}
@@ -371,13 +370,16 @@ class Trainer:
             gnorm = float(g) if g is not None else None
         elif n_sup > 0 and self.cfg.train.max_grad_norm:
             gnorm = float(acc.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm))
+        # The rate this step applies (the first group's), read before the scheduler moves on to the next
+        # step's: with warmup, step 1 applies 0 and the last cosine step a small rate, not 0.
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()  # a step of only bad records has no gradients: the optimizer leaves the weights alone
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         loss = float(loss_sum) / n_sup if n_sup else None
-        return loss, n_tok, new_bad, gnorm
+        return loss, n_tok, new_bad, gnorm, lr
 
     # -- saving / resuming ---------------------------------------------------------
     def _save_checkpoint(self, step, raw, optimizer, scheduler, bad, plan_info, epoch, window) -> Path:

@@ -225,3 +225,69 @@ def test_cli_serve_refuses_an_unset_api_key_variable(monkeypatch, capsys, tmp_pa
     monkeypatch.delenv("VISTUNE_TEST_UNSET_KEY", raising=False)
     assert main(["serve", "--model", str(tmp_path), "--api-key-env", "VISTUNE_TEST_UNSET_KEY"]) == 2
     assert "VISTUNE_TEST_UNSET_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("why", ["repetition_penalty", "no_preallocated_cache"])
+def test_a_request_that_cannot_join_is_not_starved_by_later_ones(served, why):
+    """A request the running batch cannot take (a repetition penalty, which a batch started
+    without one cannot add; or any newcomer when the engine does not preallocate its cache)
+    must not wait behind every later request. Six clients keep more requests in flight than
+    the batch holds, so without a bound the run never ends; with it, the set-aside request
+    is answered before all but the few that start in its own batch."""
+    import threading
+    import time
+
+    engine, app, srv, _ = served
+    if why == "no_preallocated_cache":
+        engine = Engine(engine.loaded, preallocate_cache=False)
+    odd_extra = {"repetition_penalty": 1.3} if why == "repetition_penalty" else {}
+    rows = 3
+    local = create_app(engine, ServeSettings(max_batch_size=rows, batch_wait_ms=5, max_tokens_limit=64))
+    later_finished: list[float] = []  # finish times of compatible requests sent after the odd one
+    odd_sent = threading.Event()
+    stop = threading.Event()
+    lock = threading.Lock()
+    with LiveServer(local) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+        def feeder(k: int) -> None:
+            n = 0
+            while not stop.is_set():
+                after = odd_sent.is_set()
+                # staggered lengths, so the rows of the run never all finish at one step
+                ask(client, f"count to ten ({k}.{n})", max_tokens=5 + 3 * k, temperature=0)
+                if after:
+                    with lock:
+                        later_finished.append(time.monotonic())
+                n += 1
+
+        threads = [threading.Thread(target=feeder, args=(k,), daemon=True) for k in range(6)]
+        for t in threads:
+            t.start()
+        flowing_by = time.monotonic() + 60
+        while local.state.batcher.stats["requests"] < 8 and time.monotonic() < flowing_by:  # the stream flows
+            time.sleep(0.01)
+        odd_sent.set()
+        done_at: list[float] = []
+
+        def odd() -> None:
+            ask(client, "say something new", max_tokens=6, extra_body=odd_extra)
+            done_at.append(time.monotonic())
+
+        t_odd = threading.Thread(target=odd, daemon=True)
+        t_odd.start()
+        deadline = time.monotonic() + 60  # plenty for a bounded wait, far less than 4096 requests
+        while t_odd.is_alive() and time.monotonic() < deadline and len(later_finished) < 40:
+            time.sleep(0.01)
+        t_odd.join(0.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    # it really arrived while a run was going and was set aside, so the test is not vacuous
+    assert local.state.batcher.stats["set_aside"] >= 1
+    assert done_at, f"the set-aside request was not answered while {len(later_finished)} later ones were"
+    with lock:
+        overtook = sum(t < done_at[0] for t in later_finished)
+    # At most the requests started in the same batch as the odd one (rows - 1), plus one per
+    # feeder that was sent just as the odd one was and raced it into the queue.
+    assert overtook <= (rows - 1) + 6, overtook

@@ -4,6 +4,10 @@ One worker thread owns the engine. It takes the first waiting job, waits a few
 milliseconds for more, and starts them as one batch. Between decoding steps, jobs
 that arrived meanwhile join the running batch (up to ``max_batch_size`` rows) and
 finished rows report at once, so clients never wait for each other's long replies.
+A job the running batch cannot take (a repetition penalty the batch was started
+without, or any newcomer when the engine does not preallocate its cache) stops
+further joins: the batch drains and that job starts the next one, so it never
+waits behind requests that arrived after it.
 Text pieces and results go back through each job's callback (into an asyncio queue
 for the HTTP server, a plain queue for the web page).
 """
@@ -44,9 +48,10 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
-        self._held: list[Job] = []  # jobs that could not join the running batch
-        # Counters for /health and tests: rows per decoding step = row_steps / steps.
-        self.stats = {"runs": 0, "requests": 0, "steps": 0, "row_steps": 0}
+        self._held: list[Job] = []  # the job that could not join the running batch (at most one)
+        # Counters for /health and tests: rows per decoding step = row_steps / steps;
+        # set_aside = requests that waited for a run to drain because they could not join it.
+        self.stats = {"runs": 0, "requests": 0, "steps": 0, "row_steps": 0, "set_aside": 0}
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
         self._thread.start()
 
@@ -136,6 +141,15 @@ class Batcher:
                 self._run(batch)
 
     def _join_newcomers(self, run, jobs: dict[int, Job]) -> None:
+        # A set-aside job waits for this run to end; admitting anyone else meanwhile
+        # would keep the run alive (up to MAX_ROWS_PER_RUN requests) while later jobs
+        # overtake it. So the run drains, and the set-aside job starts the next batch,
+        # ahead of everything still queued (all of which arrived after it): admission
+        # stays first come, first served, and its wait is bounded by the rows already
+        # running.
+        self._held = [j for j in self._held if not j.cancelled]
+        if self._held:
+            return
         while run.size < self.max_batch_size and len(run.rows) < MAX_ROWS_PER_RUN:
             try:
                 job = self._queue.get_nowait()
@@ -148,6 +162,7 @@ class Batcher:
                 continue
             if not run.can_join(job.config):
                 self._held.append(job)
+                self.stats["set_aside"] += 1
                 return
             (i,) = run.add([job.prompt], [job.config], [job.stream])
             jobs[i] = job

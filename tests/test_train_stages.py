@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noqa: F401
@@ -73,7 +74,7 @@ def test_a_tiny_model_learns_a_small_repeated_batch(tiny_data, tmp_path):
     assert r.final_loss < 0.3 * r.first_loss, (r.first_loss, r.final_loss)
 
 
-def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path, monkeypatch, caplog):
+def test_bf16_and_fp16_options(tiny_data, base_model_dir, tmp_path, monkeypatch, caplog):
     import importlib.util
     import logging
 
@@ -89,7 +90,6 @@ def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path, mon
         return [json.loads(x)["loss"] for x in run(cfg).metrics_path.read_text().splitlines()]
 
     ref = losses("ref", {})
-    assert losses("ckpt", {"train.gradient_checkpointing": True}) == pytest.approx(ref, rel=1e-5)
     monkeypatch.setattr(loop, "native_bf16_cpu", lambda: False)
     with caplog.at_level(logging.WARNING, logger="vistune.train"):
         bf16 = losses("bf16", {"train.precision": "bf16"})  # autocast on CPU
@@ -100,3 +100,77 @@ def test_checkpointing_and_bf16_options(tiny_data, base_model_dir, tmp_path, mon
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         with pytest.raises(ConfigError, match="tensorboard is not installed"):
             losses("tb", {"train.report_to": ["tensorboard"]})
+
+
+class Observed:
+    """What a run's LLM did, seen from outside: MLP calls per layer, and the gradients each step met."""
+
+    def __init__(self) -> None:
+        self.mlp_calls: dict[str, int] = {}
+        self.layer_modes: list[tuple[bool, bool]] = []  # (checkpointing on, layer in training mode)
+        self.submodules_training: set[str] = set()
+        self.grads: list[list[torch.Tensor]] = []
+
+    def watch(self, model) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for name, m in model.language_model.named_modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                self.layer_modes.append((m.gradient_checkpointing, m.training))
+            elif m.training:
+                self.submodules_training.add(name)
+            if name.endswith(".mlp"):
+                self.mlp_calls[name] = 0
+                # a pre-hook: a checkpointed backward stops recomputing once it has every tensor it needs,
+                # which under a frozen MLP comes before the MLP's end (a forward hook would not fire)
+                m.register_forward_pre_hook(lambda mod, args, name=name: self._count(name))
+
+    def _count(self, name: str) -> None:
+        self.mlp_calls[name] += 1
+
+    def __call__(self, opt, args, kwargs) -> None:  # an optimizer step pre-hook
+        if type(opt) is torch.optim.AdamW:  # accelerate's wrapper steps the same AdamW: count it once
+            self.grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_checkpointing_recomputes_the_llm_layers_with_the_same_losses_and_gradients(
+        tiny_data, base_model_dir, tmp_path, monkeypatch, stage: int):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from vistune.train import loop, stages
+
+    def train(name: str, checkpointing: bool) -> tuple[list[float], Observed]:
+        seen = Observed()
+        real = stages.set_train_mode
+
+        def set_train_mode(model, cfg) -> None:  # the loop's own, then hooks to watch the model it trains
+            real(model, cfg)
+            seen.watch(model)
+
+        monkeypatch.setattr(loop, "set_train_mode", set_train_mode)
+        cfg = tiny_config(tiny_data, tmp_path / name, {"model": {"from": str(base_model_dir)}, "train.max_steps": 2,
+                                                        "train.gradient_checkpointing": checkpointing}, stage=stage)
+        handle = register_optimizer_step_pre_hook(seen)
+        try:
+            r = run(cfg)
+        finally:
+            handle.remove()
+        return [json.loads(x)["loss"] for x in r.metrics_path.read_text().splitlines()], seen
+
+    ref_losses, ref = train("ref", False)
+    ck_losses, ck = train("ckpt", True)
+    # 2 steps of 1 micro-batch: each layer's MLP runs once per step, and once more in the backward when
+    # its layer is checkpointed, also under a frozen LLM (stage 1), whose backward reaches the projector.
+    assert len(ref.mlp_calls) == 2 and set(ref.mlp_calls.values()) == {2}
+    assert ck.mlp_calls.keys() == ref.mlp_calls.keys() and set(ck.mlp_calls.values()) == {4}
+    assert ck.layer_modes == [(True, True)] * 2
+    if stage == 1:
+        # the frozen LLM's attention, MLP and dropout stay in eval: checkpointing turns no dropout on
+        assert ck.submodules_training == ref.submodules_training == set()
+    assert ck_losses == pytest.approx(ref_losses, rel=1e-5)
+    assert len(ck.grads) == len(ref.grads) == 2
+    for step_ck, step_ref in zip(ck.grads, ref.grads):
+        assert len(step_ck) == len(step_ref) > 0
+        for a, b in zip(step_ck, step_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

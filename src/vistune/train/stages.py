@@ -161,11 +161,24 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig) -> VisionLanguageMod
 
 
 def set_train_mode(model: VisionLanguageModel, cfg: RunConfig) -> None:
-    """train() for learning modules; eval() (no dropout) for frozen ones."""
+    """train() for learning modules; eval() (no dropout) for frozen ones.
+
+    transformers checkpoints a layer only while that layer is in training mode, and a
+    frozen LLM still runs a backward (stage 1: through every layer to the projector), so
+    with ``train.gradient_checkpointing`` its layers' own flags go back up. Their
+    attention, MLP and dropout submodules stay in eval: checkpointed, still no dropout.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     model.train()
     for part in MODULES:
         if getattr(cfg.train, part) == "frozen":
-            module_of(model, part).eval()
+            mod = module_of(model, part)
+            mod.eval()
+            if cfg.train.gradient_checkpointing:
+                for m in mod.modules():
+                    if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                        m.training = True  # this module only, not its children
 
 
 def trainable_summary(model: VisionLanguageModel) -> dict[str, tuple[int, int]]:

@@ -120,3 +120,59 @@ def test_lora_run_with_its_own_base_survives_a_move(tiny_data, base_model_dir, t
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(loaded.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vision_lora_run_trains_only_tower_adapters_and_projector_and_loads_with_the_same_logits(
+        tiny_data, base_model_dir, tmp_path, monkeypatch):
+    from vistune.train import loop, stages
+
+    trained = []
+
+    def set_train_mode(model, cfg) -> None:  # the loop's own; keeps the model it trains, to compare with
+        stages.set_train_mode(model, cfg)
+        trained.append(model)
+
+    monkeypatch.setattr(loop, "set_train_mode", set_train_mode)
+    cfg = lora_config(tiny_data, base_model_dir, tmp_path / "run", {"train.vision": "lora", "train.llm": "frozen",
+                                                                    "train.max_steps": 3})
+    r = run(cfg)
+    (model,) = trained
+    learnable = [n for n, p in model.named_parameters() if p.requires_grad]
+    tower = [n for n in learnable if n.startswith("vision.")]
+    assert tower and all("lora_A" in n or "lora_B" in n for n in tower)
+    assert {n.split(".")[0] for n in learnable} == {"vision", "projector"}  # the LLM is frozen, as configured
+
+    assert is_adapter_dir(r.model_dir)
+    assert (r.model_dir / "vision_adapter" / "adapter_config.json").exists()
+    assert not (r.model_dir / "llm_adapter").exists()
+    assert json.loads((r.model_dir / "config.json").read_text())["adapter"]["modules"] == {
+        "vision": "lora", "projector": "full", "llm": "frozen"}
+
+    base, tok = load_model(base_model_dir)
+    base_state = base.state_dict()
+    adapted, _ = load_adapter_model(r.output_dir)
+    # B starts at zero: some learned (the tower's last layer, past its feature layer, gets no gradient)
+    assert any(p.abs().sum() > 0 for n, p in adapted.vision.model.named_parameters() if "lora_B" in n)
+    for n, p in adapted.vision.model.get_base_model().named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_state["vision.model." + n.replace(".base_layer", "")]), n
+    for n, p in adapted.language_model.named_parameters():
+        assert torch.equal(p, base_state["language_model." + n]), n
+
+    ds = VLDataset(tiny_data["instruct"], text_settings_for(base.config, tok), tiny_data["images"], base.config.image)
+    batch = PadCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    assert batch["pixel_values"] is not None and len(batch["pixel_values"]) > 0  # the tower has work to do
+    mask = batch["attention_mask"].bool()
+
+    def logits(m) -> torch.Tensor:
+        with torch.no_grad():
+            return m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[mask]
+
+    expected = logits(model)
+    assert (logits(base) - expected).abs().max() > 1e-2  # the run changed the model
+    loaded = vistune.load(r.model_dir)
+    assert not hasattr(loaded.model.vision.model, "peft_config")  # folded in on load
+    torch.testing.assert_close(logits(loaded.model), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(adapted), expected, rtol=1e-4, atol=1e-4)
+    merged, _ = load_model(merge_lora(r.output_dir, tmp_path / "merged"))
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from vistune.cli import main
 from vistune.demo.foundation import LMPretrainConfig, VisionPretrainConfig
 from vistune.demo.pipeline import DemoConfig, run_demo
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
+from vistune.train.metrics import read_metrics
 
 
 def tiny_demo(out, seed=0):
@@ -24,7 +25,8 @@ def tiny_demo(out, seed=0):
 
 
 def test_demo_pipeline_end_to_end(tmp_path):
-    report = run_demo(tiny_demo(tmp_path / "demo"))
+    # Two threads: the no-stage-1 ablation trains in a second process beside stages 1 and 2.
+    report = run_demo(replace(tiny_demo(tmp_path / "demo"), threads=2))
     out = tmp_path / "demo"
     for f in ["report.md", "report.json", "loss.png", "accuracy.png", "samples.json", "model/config.json",
               "foundation/vision/config.json", "foundation/llm/config.json", "data/instruct.jsonl"]:
@@ -42,6 +44,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
         # ...and both read the frozen ResNet's features from one cache, built once.
         assert f"feature_cache: {out / 'feature_cache'}" in (out / run / "config.yaml").read_text(), run
     assert (out / "feature_cache" / "index.json").exists()
+    assert saved["ablation_side_by_side"] is True
+    assert len(read_metrics(out / "ablation-no-stage1" / "metrics.jsonl")) == 3  # every step of the side run
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     # An exact match is also a first-word match, never the reverse.
@@ -63,9 +67,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
 
 def test_demo_same_seed_same_numbers(tmp_path):
-    """Issue 5: same seed, same numbers (deterministic on CPU)."""
-    a = run_demo(replace(tiny_demo(tmp_path / "a"), ablations=False))
-    b = run_demo(replace(tiny_demo(tmp_path / "b"), ablations=False))
+    """Issue 5: same seed, same numbers (deterministic on CPU), the ablation's side process included."""
+    a = run_demo(replace(tiny_demo(tmp_path / "a"), threads=2))
+    b = run_demo(replace(tiny_demo(tmp_path / "b"), threads=2))
+    assert a["ablation_side_by_side"] and b["ablation_side_by_side"]
     for key in ["accuracy", "accuracy_by_kind", "accuracy_first_word", "train_losses", "object_recall"]:
         assert a[key] == b[key], key
     # Tensors, not file bytes: safetensors orders its header metadata differently from run to run.

@@ -24,15 +24,17 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory
-from ..model.checkpoint import load, read_config
+from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
-from ..train import load_run_config, run
+from ..train import load_run_config
 from ..train.config import PRESETS_DIR
+from ..train.features import cache_features_for_config
 from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
 from .foundation import (LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder,
                          resolve_precision)
 from .report import check_targets, write_report
+from .side import SideRun, split_threads, train_preset
 
 
 
@@ -63,6 +65,10 @@ class DemoConfig:
     recall_images: int = 40
     ablations: bool = True
     threads: int = 0  # 0: torch's default
+    # With two threads or more, the no-stage-1 ablation trains in a second process beside stages 1
+    # and 2, each run on half the threads: the quick demo's stage 2 and its ablation took 129 + 137 s
+    # one after the other at two threads (docs/demo.md). Off: one run after the other, all threads.
+    side_by_side: bool = True
     # Of vision pretraining, stage 1 and stage 2 (auto: bf16 where the CPU has it natively). With
     # AdamW, bf16 cost seeds 0 and 1 their colour lookup (64.1 vs 65.5 %, 50.3 vs 53.6 %); with Muon
     # the lookup forms either way (seed 1: 63.1 % in bf16), and bf16 pays for Muon's time
@@ -128,8 +134,7 @@ def _strip_images(turns: list[dict]) -> list[dict]:
 
 def _train(preset: str, overrides: dict, out_dir: Path):
     # The stages run through the same shipped presets a user would pass to `vistune train`.
-    cfg = load_run_config(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
-    return run(cfg)
+    return train_preset(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -175,8 +180,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     common1 = {"model.vision": str(foundation / "vision"), "model.llm": str(foundation / "llm"),
                "data.train": str(data / "pairs.jsonl"), "data.images": str(world / "train"),
                "train.max_steps": cfg.stage1_steps, "train.seed": cfg.seed, "train.precision": precision}
-    with phase("stage 1: feature alignment (projector only)"):
-        s1 = _train("demo-stage1.yaml", common1, out / "stage1")
     common2 = {"data.train": str(data / "instruct.jsonl"), "data.images": str(world / "train"),
                "train.max_steps": cfg.stage2_steps, "train.batch_size": cfg.stage2_batch, "train.seed": cfg.seed,
                "train.precision": precision,
@@ -187,18 +190,37 @@ def run_demo(cfg: DemoConfig) -> dict:
         common2["train.lr"] = cfg.stage2_lr
     if cfg.stage2_muon_lr is not None:
         common2["train.muon_lr"] = cfg.stage2_muon_lr
-    with phase("stage 2: instruction tuning (projector + LLM)"):
-        s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2")
-    runs = {"stage1": s1, "stage2": s2}
-    if cfg.ablations:
-        with phase("ablation: stage 2 without stage 1"):
-            # The same architecture as stage 1 built, with a fresh projector.
-            s1_cfg = read_config(s1.model_dir)
-            runs["no_stage1"] = _train("demo-stage2.yaml", {
-                **common2, "model.from": None, "model.vision": str(foundation / "vision"),
-                "model.llm": str(foundation / "llm"), "model.projector": s1_cfg.projector_type,
-                "model.vision_feature_layer": s1_cfg.vision_feature_layer,
-            }, out / "ablation-no-stage1")
+    # The ablation: stage 2 from stage 0's models and a fresh projector, built as stage 1 builds it.
+    s1_preset = load_run_config(PRESETS_DIR / "demo-stage1.yaml", common1).model
+    no_stage1 = {**common2, "model.from": None, "model.vision": common1["model.vision"],
+                 "model.llm": common1["model.llm"], "model.projector": s1_preset.projector,
+                 "model.vision_feature_layer": s1_preset.vision_feature_layer,
+                 "output_dir": str(out / "ablation-no-stage1")}
+    main_threads, side_threads = split_threads(torch.get_num_threads())
+    side = None
+    if cfg.ablations and cfg.side_by_side and side_threads:
+        with phase("feature cache of the frozen tower"):
+            # Built once, before the two stage-2 runs start, so that they do not both build it.
+            cache_features_for_config(load_run_config(PRESETS_DIR / "demo-stage2.yaml", no_stage1))
+        print(f"   the no-stage-1 ablation trains in a second process ({side_threads} of "
+              f"{main_threads + side_threads} threads) beside stages 1 and 2", flush=True)
+        side = SideRun(PRESETS_DIR / "demo-stage2.yaml", no_stage1, side_threads,
+                       "ablation (no stage 1)", cfg.stage2_steps)
+        torch.set_num_threads(main_threads)
+    try:
+        with phase("stage 1: feature alignment (projector only)"):
+            s1 = _train("demo-stage1.yaml", common1, out / "stage1")
+        with phase("stage 2: instruction tuning (projector + LLM)"):
+            s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2")
+        runs = {"stage1": s1, "stage2": s2}
+        if cfg.ablations:
+            with phase("ablation: stage 2 without stage 1"):
+                runs["no_stage1"] = side.result() if side is not None else train_preset(
+                    PRESETS_DIR / "demo-stage2.yaml", no_stage1)
+    finally:
+        if side is not None:
+            side.stop()  # a no-op once its result is in; ends it if the main line failed
+        torch.set_num_threads(main_threads + side_threads)
 
     with phase("evaluation on held-out scenes"):
         held_root = world / "heldout"
@@ -241,6 +263,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "train_losses": {k: {"first": round(r.first_loss, 4), "final": round(r.final_loss, 4), "steps": r.steps}
                              for k, r in runs.items()},
             "timings": {**phase.timings},
+            "ablation_side_by_side": side is not None,
             "model_dir": str(final),
         }
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 1)

@@ -1,9 +1,16 @@
 import json
+import shutil
 
+import pytest
+import torch
 import yaml
 
-from train_fixtures import tiny_config, tiny_data  # noqa: F401
+import vistune
+
+from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
 from vistune.cli import main
+from vistune.model.adapters import is_adapter_dir
+from vistune.model.checkpoint import load_model
 
 
 def test_train_command(tiny_data, tmp_path, capsys):
@@ -43,3 +50,37 @@ def test_make_tiny_data_and_cache_features_commands(tmp_path, capsys):
     before = shard.stat().st_mtime_ns
     assert main(["train", str(cfg_file), "train.max_steps=1"]) == 0
     assert shard.stat().st_mtime_ns == before
+
+
+def test_train_resume_and_merge_lora_commands_succeed(tiny_data, base_model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tiny_data, run_dir, {"model": {"from": str(base_model_dir)}, "train.llm": "lora", "lora.r": 4,
+                                           "lora.alpha": 8, "lora.dropout": 0.0, "train.lr": 1e-2,
+                                           "train.max_steps": 3, "train.save_every": 1, "train.keep_last": 3})
+    cfg_file = tmp_path / "lora.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", str(cfg_file)]) == 0
+    straight = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+
+    # As if the process died after step 2: resume from the newest checkpoint left, and step 3 repeats.
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000003")
+    shutil.rmtree(run_dir / "model")
+    assert main(["train", str(cfg_file), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and f"model: {run_dir / 'model'}" in out
+    resumed = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1], rel=1e-5)
+    assert is_adapter_dir(run_dir / "model")
+
+    assert main(["merge-lora", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    assert f"merged model: {tmp_path / 'merged'}" in capsys.readouterr().out
+    assert not is_adapter_dir(tmp_path / "merged")
+    merged, tok = load_model(tmp_path / "merged")
+    base, _ = load_model(base_model_dir)
+    ids = torch.tensor([[tok.bos_token_id or 1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        m, b, a = merged(ids).logits, base(ids).logits, vistune.load(run_dir / "model").model(ids).logits
+    assert (m - b).abs().max() > 1e-3  # the adapters were folded in
+    torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-4)  # as the run itself loads

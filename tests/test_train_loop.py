@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import os
@@ -198,3 +199,23 @@ def test_grad_accum_equals_one_big_batch(tiny_data, tmp_path):
         assert (v - s2[k]).abs().max() < 1e-5, k
     # and the steps did learn something, so equal weights are not just two untouched models
     assert a[-1]["loss"] < a[0]["loss"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed (test extra)")
+def test_report_to_tensorboard_writes_the_losses_of_metrics_jsonl(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = run(tiny_config(tiny_data, tmp_path / "tb", {"train.max_steps": 3, "train.report_to": ["tensorboard"]},
+                        stage=1))
+    events = sorted(r.output_dir.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.relative_to(r.output_dir) for p in r.output_dir.rglob("*"))
+    scalars: dict[str, list] = {}
+    for ev in events:  # one file per writer (accelerate's run, its hparams)
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(acc.Scalars(tag))
+    rows = _rows(r)
+    assert [e.step for e in scalars["loss"]] == [1, 2, 3]
+    assert [e.value for e in scalars["loss"]] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
+    assert [e.value for e in scalars["lr"]] == pytest.approx([row["lr"] for row in rows], rel=1e-6)

@@ -22,7 +22,8 @@ def served(tokenizer, tmp_path_factory):
     path = save_model(model, tok, tmp_path_factory.mktemp("serve") / "tiny-vlm")
     engine = Engine.from_path(path)
     settings = ServeSettings(api_key=KEY, max_images_per_request=2, max_body_bytes=200_000,
-                             max_image_pixels=100_000, max_tokens_limit=64, batch_wait_ms=20)
+                             max_image_pixels=100_000, max_image_bytes=20_000, max_tokens_limit=64,
+                             batch_wait_ms=20)
     app = create_app(engine, settings)
     with LiveServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -90,7 +91,10 @@ def test_image_as_data_url(served):
 
 @pytest.mark.parametrize("case", ["missing_messages", "bad_base64", "file_path", "file_url", "too_many_images",
                                   "remote_disabled", "too_many_pixels", "image_token_in_text", "max_tokens",
-                                  "unknown_model", "last_not_user", "n2"])
+                                  "unknown_model", "last_not_user", "n2", "too_many_image_bytes",
+                                  "not_an_image_type", "context_length", "top_p_2", "temperature_negative",
+                                  "temperature_3", "top_k_negative", "repetition_penalty_0", "seed_overflow",
+                                  "five_stops"])
 def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
     engine, app, srv, client = served
     img = data_url(solid_image((0, 0, 255), (16, 16)))
@@ -112,6 +116,17 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "last_not_user": lambda: client.chat.completions.create(model="tiny-vlm", messages=[
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
         "n2": lambda: ask(client, "hi", n=2),
+        # 100x100 noise does not compress: ~30 kB of PNG, over the 20 kB limit, under the pixel limit
+        "too_many_image_bytes": lambda: ask(client, image(data_url(noise_image(7, (100, 100))))),
+        "not_an_image_type": lambda: ask(client, image("data:text/plain;base64,aGVsbG8=")),
+        "context_length": lambda: ask(client, "red " * 1100),  # ~1100 tokens; the tiny model's context is 1024
+        "top_p_2": lambda: ask(client, "hi", top_p=2),
+        "temperature_negative": lambda: ask(client, "hi", temperature=-1),
+        "temperature_3": lambda: ask(client, "hi", temperature=3),
+        "top_k_negative": lambda: ask(client, "hi", extra_body={"top_k": -1}),
+        "repetition_penalty_0": lambda: ask(client, "hi", extra_body={"repetition_penalty": 0}),
+        "seed_overflow": lambda: ask(client, "hi", temperature=1, seed=2**64),  # was a 500 from the worker
+        "five_stops": lambda: ask(client, "hi", stop=["a", "b", "c", "d", "e"]),
     }
     expect = {  # case: (status, param, code)
         "missing_messages": (400, "messages", "missing_required_parameter"),
@@ -126,6 +141,16 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "unknown_model": (404, "model", "model_not_found"),
         "last_not_user": (400, "messages", None),
         "n2": (400, "n", None),
+        "too_many_image_bytes": (400, "messages[0].content[0].image_url", "image_too_large"),
+        "not_an_image_type": (400, "messages[0].content[0].image_url", "invalid_image"),
+        "context_length": (400, "messages", "context_length_exceeded"),
+        "top_p_2": (400, "top_p", "invalid_value"),
+        "temperature_negative": (400, "temperature", "invalid_value"),
+        "temperature_3": (400, "temperature", "invalid_value"),
+        "top_k_negative": (400, "top_k", "invalid_value"),
+        "repetition_penalty_0": (400, "repetition_penalty", "invalid_value"),
+        "seed_overflow": (400, "seed", "invalid_value"),
+        "five_stops": (400, "stop", None),
     }[case]
     with pytest.raises(openai.APIStatusError) as ei:
         calls[case]()
@@ -134,6 +159,78 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
     err = ei.value.response.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param and err["code"] == code
+
+
+def test_image_bytes_limit_counts_the_decoded_bytes(served):
+    """The limit is on the decoded image: one byte over is refused before decoding the image,
+    exactly the limit passes the size check (and these bytes then fail as no image)."""
+    import base64
+
+    engine, app, srv, client = served
+    limit = app.state.settings.max_image_bytes
+
+    def refusal(n_bytes: int) -> dict:
+        url = "data:image/png;base64," + base64.b64encode(b"\0" * n_bytes).decode()
+        with pytest.raises(openai.BadRequestError) as ei:
+            ask(client, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}])
+        return ei.value.response.json()["error"]
+
+    over = refusal(limit + 1)
+    assert over["code"] == "image_too_large" and str(limit) in over["message"]
+    at = refusal(limit)
+    assert at["code"] == "invalid_image" and "cannot be decoded" in at["message"]
+
+
+def test_seeded_sampling_is_reproducible(served):
+    engine, app, srv, client = served
+    q = "tell me a story"
+
+    def sample(seed: int) -> str:
+        return ask(client, q, max_tokens=24, temperature=1.0, seed=seed).choices[0].message.content
+
+    greedy = ask(client, q, max_tokens=24).choices[0].message.content
+    first = sample(3)
+    assert sample(3) == first  # same seed, same text
+    want = engine.generate([Prompt.ask(q)], GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3))[0].text
+    assert first == want
+    assert first != greedy  # temperature > 0 really samples
+    assert len({first, *(sample(s) for s in (4, 5, 6))}) > 1  # and the seed really matters
+
+
+def test_top_k_top_p_and_repetition_penalty_reach_the_sampler(served):
+    engine, app, srv, client = served
+    q = "tell me a story"
+
+    def text(**kw) -> str:
+        return ask(client, q, max_tokens=24, **kw).choices[0].message.content
+
+    greedy = text()
+    sampled = text(temperature=1.0, seed=5)
+    assert sampled != greedy  # so the equalities below are not vacuous
+    # Keeping only the likeliest token (top_k=1, or a tiny top_p) makes sampling greedy.
+    assert text(temperature=1.0, seed=5, extra_body={"top_k": 1}) == greedy
+    assert text(temperature=1.0, seed=5, top_p=1e-6) == greedy
+    penalised = text(extra_body={"repetition_penalty": 5.0})
+    want = engine.generate([Prompt.ask(q)], GenerationConfig(max_new_tokens=24, repetition_penalty=5.0))[0].text
+    assert penalised == want and penalised != greedy
+
+
+def test_stop_strings_cut_the_reply_and_are_not_returned(served):
+    engine, app, srv, client = served
+    q = "tell me a story"
+    full = ask(client, q, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a piece from the middle of the greedy reply
+    assert stop.strip() and full.index(stop) > 0
+    want = full[:full.index(stop)].strip()
+    resp = ask(client, q, max_tokens=24, stop=stop)
+    assert resp.choices[0].message.content == want and resp.choices[0].finish_reason == "stop"
+    assert stop not in resp.choices[0].message.content
+    assert resp.usage.completion_tokens < ask(client, q, max_tokens=24).usage.completion_tokens
+    # A list of stops cuts at the first to appear; streaming cuts the same and never sends the stop.
+    chunks = list(ask(client, q, max_tokens=24, stop=["no such text", stop], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == want and stop not in streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
 
 
 def test_wrong_api_key_is_401(served):

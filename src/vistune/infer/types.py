@@ -38,6 +38,8 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) for s in self.stop), "stop must be a list of strings"),
+            # torch.Generator.manual_seed's range: a seed outside it would fail its batch mid-run
+            (self.seed is None or -(2**63) <= self.seed <= 2**64 - 1, "seed must fit in 64 bits"),
         ]
         for ok, msg in checks:
             if not ok:

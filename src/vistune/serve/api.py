@@ -211,15 +211,18 @@ def _generation_config(req: ChatCompletionRequest, s: ServeSettings) -> Generati
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise ApiError(400, "at most 4 stop sequences are allowed", param="stop")
-    return GenerationConfig(
-        max_new_tokens=max_tokens,
-        temperature=s.default_temperature if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        stop=stop,
-        seed=req.seed,
-    )
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=s.default_temperature if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            stop=stop,
+            seed=req.seed,
+        )
+    except ValueError as e:  # the schema checks each field; this catches what it may miss, as a 400
+        raise ApiError(400, str(e), code="invalid_value") from None
 
 
 async def _prompt(req: ChatCompletionRequest, s: ServeSettings) -> Prompt:

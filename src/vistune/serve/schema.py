@@ -50,7 +50,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    # the range torch.Generator.manual_seed takes; outside it a seed would fail the whole batch
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     # vistune extensions (same names as vLLM's)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)

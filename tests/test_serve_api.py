@@ -388,3 +388,31 @@ def test_a_request_that_cannot_join_is_not_starved_by_later_ones(served, why):
     # At most the requests started in the same batch as the odd one (rows - 1), plus one per
     # feeder that was sent just as the odd one was and raced it into the queue.
     assert overtook <= (rows - 1) + 6, overtook
+
+
+def test_cli_serve_requires_the_key_from_the_named_variable(tokenizer, tmp_path, monkeypatch, capsys):
+    """`vistune serve --api-key-env VAR` with VAR set: the app the CLI builds (its own
+    settings code) refuses no key and a wrong key with 401 and answers the right one."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from vistune.cli import main
+
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path / "cli-vlm")
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    monkeypatch.setenv("VISTUNE_TEST_KEY", "s3cret-from-env")
+    assert main(["serve", "--model", str(path), "--api-key-env", "VISTUNE_TEST_KEY", "--port", "8123"]) == 0
+    assert started["port"] == 8123 and "cli-vlm" in capsys.readouterr().out
+    body = {"model": "cli-vlm", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(started["app"]) as tc:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "}):
+            r = tc.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+            assert tc.get("/v1/models", headers=headers).status_code == 401
+        good = {"Authorization": "Bearer s3cret-from-env"}
+        r = tc.post("/v1/chat/completions", json=body, headers=good)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        assert [m["id"] for m in tc.get("/v1/models", headers=good).json()["data"]] == ["cli-vlm"]

@@ -82,6 +82,13 @@ def test_demo_same_seed_same_numbers(tmp_path):
         assert all(torch.equal(ta[k], tb[k]) for k in ta), w.name
 
 
+def test_demo_one_process_trains_the_ablation_after_stage_2(tmp_path):
+    report = run_demo(replace(tiny_demo(tmp_path / "d"), threads=2, side_by_side=False))
+    assert report["ablation_side_by_side"] is False
+    assert report["train_losses"]["no_stage1"]["steps"] == 3
+    assert set(report["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
+
+
 @pytest.mark.slow
 def test_demo_quick_beats_text_only(tmp_path, capsys):
     """Issue 5's bar: the full pipeline beats text-only by >= 20 points on held-out scenes."""
@@ -108,7 +115,8 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
         return {"accuracy": {"full": 0.5}, "targets": {}, "timings": {"total_s": 1.0}, "model_dir": "m"}
 
     monkeypatch.setattr(pipeline, "run_demo", fake_run)
-    for args in (["--precision", "bf16"], [], ["--quick"], ["--quick", "--precision", "auto"]):
+    for args in (["--precision", "bf16"], [], ["--quick"], ["--quick", "--precision", "auto", "--one-process"]):
         assert main(["demo", "--out", str(tmp_path), *args]) == 0
     assert [c.precision for c in seen] == ["bf16", "auto", "fp32", "auto"]
+    assert [c.side_by_side for c in seen] == [True, True, True, False]
     assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8

@@ -12,6 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
     p.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--one-process", action="store_true",
+                   help="train the no-stage-1 ablation after stage 2 on all threads, not beside stages 1 and 2 "
+                        "in a second process on half of them")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="of vision pretraining and stages 1 and 2 (default: auto, bf16 where the CPU has it "
                         "natively; --quick: fp32)")
@@ -21,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo.pipeline import DemoConfig, run_demo
 
-    kw = dict(out=args.out, seed=args.seed, ablations=not args.no_ablations, threads=args.threads)
+    kw = dict(out=args.out, seed=args.seed, ablations=not args.no_ablations, threads=args.threads,
+              side_by_side=not args.one_process)
     if args.precision is not None:
         kw["precision"] = args.precision
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)

@@ -159,3 +159,17 @@ def test_cli_chat_through_stdin(tokenizer, tmp_path, monkeypatch, capsys):
     assert replies == [first, second, after_reset]
     assert "[attached" in out and "[conversation cleared]" in out and "[unknown command]" in out
     assert "missing.png" in out.split("[error]")[1].splitlines()[0]  # names the file it could not open
+
+
+def test_cli_chat_stop_strings(tokenizer, tmp_path, monkeypatch, capsys):
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path / "m")
+    eng = Engine(LoadedModel(model, tok))
+    full = eng.generate([Prompt.ask("tell me a story")], GenerationConfig(max_new_tokens=16))[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a piece from the middle of the reply
+    assert stop.strip() and full.index(stop) > 0 and "\n" not in full
+    monkeypatch.setattr(sys, "stdin", io.StringIO("tell me a story\n/quit\n"))
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "16", "--stop", "no such text",
+                 "--stop", stop]) == 0
+    replies = [ln[len("ASSISTANT: "):] for ln in capsys.readouterr().out.splitlines() if ln.startswith("ASSISTANT: ")]
+    assert replies == [full[:full.index(stop)].strip()]

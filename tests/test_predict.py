@@ -34,12 +34,12 @@ def setup(tokenizer, tmp_path):
     return engine, model, tok, imgs, qfile, questions
 
 
-def expected(engine, imgs, q):
+def expected(engine, imgs, q, config=CFG):
     from PIL import Image
 
     files = [q["image"]] if isinstance(q.get("image"), str) else q.get("image", [])
     images = [Image.open(imgs / f).convert("RGB") for f in files]
-    return engine.generate([Prompt.ask(q["text"], images)], CFG)[0].text
+    return engine.generate([Prompt.ask(q["text"], images)], config)[0].text
 
 
 def read(path):
@@ -109,3 +109,28 @@ def test_cli_predict(setup, tmp_path, capsys):
     assert [a["text"] for a in answers] == [expected(engine, imgs, q) for q in questions]
     assert answers[0]["model"] == "m"
     assert main(argv) == 0 and "0 answered now, 5 already" in capsys.readouterr().out
+
+
+def test_cli_predict_sampling_and_stop_flags(setup, tmp_path):
+    engine, model, tok, imgs, qfile, questions = setup
+    path = save_model(model, tok, tmp_path / "m")
+    full = expected(engine, imgs, questions[0], GenerationConfig(max_new_tokens=12))
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a piece from the middle of question 1's greedy answer
+    assert stop.strip() and full.index(stop) > 0
+
+    def run(out, *flags):
+        argv = ["predict", "--model", str(path), "--data", str(qfile), "--images", str(imgs), "--out", str(out),
+                "--batch-size", "2", "--max-new-tokens", "12", *flags]
+        assert main(argv) == 0
+        return [a["text"] for a in read(out)]
+
+    cut = run(tmp_path / "stop.jsonl", "--stop", stop, "--stop", "no such text")
+    cfg = GenerationConfig(max_new_tokens=12, stop=[stop, "no such text"])
+    assert cut == [expected(engine, imgs, q, cfg) for q in questions]
+    assert cut[0] == full[:full.index(stop)].strip() and not any(stop in t for t in cut)
+    sampling = ["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]
+    sampled = run(tmp_path / "s1.jsonl", *sampling)
+    assert run(tmp_path / "s2.jsonl", *sampling) == sampled  # seeded: the same answers again
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    assert sampled == [expected(engine, imgs, q, cfg) for q in questions]
+    assert sampled != [expected(engine, imgs, q, GenerationConfig(max_new_tokens=12)) for q in questions]

@@ -13,6 +13,8 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end the reply where STR appears; STR is not returned (repeatable)")
     g.add_argument("--system", default=None, help="replace the template's system prompt")
 
 
@@ -26,7 +28,8 @@ def generation_config(args: argparse.Namespace):
     from ..infer.engine import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=list(args.stop))
 
 
 def load_engine(args: argparse.Namespace):

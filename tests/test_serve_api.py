@@ -305,6 +305,11 @@ def test_remote_images_only_when_allowed(served, tmp_path):
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]}
     try:
         with TestClient(create_app(engine, ServeSettings(allow_remote_images=True))) as tc:
+            # the image is on loopback, which remote fetching refuses unless told otherwise
+            r = tc.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_forbidden"
+        settings = ServeSettings(allow_remote_images=True, allow_private_image_hosts=True)
+        with TestClient(create_app(engine, settings)) as tc:
             r = tc.post("/v1/chat/completions", json=body)
             assert r.status_code == 200
             want = engine.generate([Prompt.ask("what?", [img])], GenerationConfig(max_new_tokens=6))[0].text
@@ -314,6 +319,95 @@ def test_remote_images_only_when_allowed(served, tmp_path):
             assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
     finally:
         httpd.shutdown()
+
+
+def test_remote_fetches_refuse_private_hosts_other_schemes_and_redirects_to_them(served, monkeypatch):
+    import http.server
+    import ipaddress
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from vistune.serve import images
+
+    engine, app, srv, client = served
+    img = noise_image(12)
+    png = data_url(img).split(",", 1)[1]
+    redirects = {"/to-self": "/img.png", "/to-loopback": "http://127.0.0.2:{port}/img.png",
+                 "/to-metadata": "http://169.254.169.254/latest/meta-data/", "/to-lan": "http://10.1.2.3/img.png",
+                 "/to-v6-loopback": "http://[::1]:{port}/img.png", "/to-file": "file:///etc/passwd",
+                 "/to-ftp": "ftp://example.com/img.png", "/loop": "/loop"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/img.png":
+                import base64
+
+                raw = base64.b64decode(png)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+            elif self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path].format(port=self.server.server_address[1]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    want = engine.generate([Prompt.ask("what?", [img])], GenerationConfig(max_new_tokens=6))[0].text
+
+    def post(tc, url):
+        r = tc.post("/v1/chat/completions", json={"model": "tiny-vlm", "max_tokens": 6, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "what?"}]}]})
+        return r.status_code, (r.json()["choices"][0]["message"]["content"] if r.status_code == 200
+                               else r.json()["error"]["code"])
+
+    forbidden = (400, "image_url_forbidden")
+    try:
+        with TestClient(create_app(engine, ServeSettings(allow_remote_images=True))) as tc:
+            # By default loopback is refused however it is spelled, before anything is fetched.
+            for url in (base + "/img.png", f"http://localhost:{httpd.server_address[1]}/img.png",
+                        "http://[::1]:9/img.png", "http://169.254.169.254/latest/meta-data/"):
+                assert post(tc, url) == forbidden, url
+            # Now let the test server's own address count as public: a redirect from it to a
+            # loopback, private or link-local host, or to another scheme, is still refused.
+            real = images.forbidden_address
+            monkeypatch.setattr(images, "forbidden_address",
+                                lambda ip: ip != ipaddress.ip_address("127.0.0.1") and real(ip))
+            assert post(tc, base + "/img.png") == (200, want)
+            assert post(tc, base + "/to-self") == (200, want)  # a redirect to an allowed host is followed
+            for path in ("/to-loopback", "/to-metadata", "/to-lan", "/to-v6-loopback", "/to-file", "/to-ftp"):
+                assert post(tc, base + path) == forbidden, path
+            assert post(tc, base + "/loop") == (400, "image_fetch_failed")  # too many redirects
+        monkeypatch.undo()
+        settings = ServeSettings(allow_remote_images=True, allow_private_image_hosts=True)
+        with TestClient(create_app(engine, settings)) as tc:
+            assert post(tc, base + "/to-self") == (200, want)
+            assert post(tc, base + "/to-file") == forbidden  # other schemes stay refused even then
+            assert post(tc, "http://[::1/img.png") == (400, "invalid_image_url")  # malformed, not a 500
+    finally:
+        httpd.shutdown()
+
+
+def test_forbidden_addresses():
+    import ipaddress
+
+    from vistune.serve.images import forbidden_address
+
+    for a in ("127.0.0.1", "127.9.9.9", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "0.0.0.0",
+              "100.64.0.1", "224.0.0.1", "::1", "::", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"):
+        assert forbidden_address(ipaddress.ip_address(a)), a
+    for a in ("8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
+        assert not forbidden_address(ipaddress.ip_address(a)), a
 
 
 def test_cli_serve_refuses_an_unset_api_key_variable(monkeypatch, capsys, tmp_path):

@@ -14,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_server_args(s)
     s.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require `Authorization: Bearer $VAR` on /v1 requests")
-    s.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs")
+    s.add_argument("--allow-remote-images", action="store_true",
+                   help="also fetch http(s) image URLs (from public addresses only)")
+    s.add_argument("--allow-private-image-hosts", action="store_true",
+                   help="with --allow-remote-images: also from loopback, private and link-local addresses")
     s.add_argument("--model-name", default=None, help="model id clients send (default: directory name)")
     s.add_argument("--web", action="store_true", help="also serve the web page at /web")
     lim = s.add_argument_group("limits")
@@ -65,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     settings = ServeSettings(
         model_name=args.model_name, api_key=api_key, allow_remote_images=args.allow_remote_images,
+        allow_private_image_hosts=args.allow_private_image_hosts,
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images,
         max_tokens_limit=args.max_tokens, max_batch_size=args.max_batch_size,

@@ -49,6 +49,9 @@ class ServeSettings:
     model_name: str | None = None  # the id clients send as `model`; defaults to the model directory's name
     api_key: str | None = None  # when set, every /v1 request needs `Authorization: Bearer <key>`
     allow_remote_images: bool = False
+    # Remote images from loopback/private/link-local hosts too (an internal image store);
+    # off, so that a request cannot make the server reach its own network.
+    allow_private_image_hosts: bool = False
     max_body_bytes: int = 20 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
@@ -273,7 +276,7 @@ async def _image(url: str, s: ServeSettings, where: str):
         if kind == "data":
             raw = decode_data_url(url, s.max_image_bytes)
         elif kind == "remote" and s.allow_remote_images:
-            raw = await fetch_remote(url, s.max_image_bytes)
+            raw = await fetch_remote(url, s.max_image_bytes, allow_private=s.allow_private_image_hosts)
         elif kind == "remote":
             raise RequestImageError("remote image URLs are disabled on this server (start it with "
                                     "--allow-remote-images); send a data: URL", code="remote_images_disabled")

@@ -191,10 +191,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.stage2_muon_lr is not None:
         common2["train.muon_lr"] = cfg.stage2_muon_lr
     # The ablation: stage 2 from stage 0's models and a fresh projector, built as stage 1 builds it.
-    s1_preset = load_run_config(PRESETS_DIR / "demo-stage1.yaml", common1).model
+    s1_model = load_run_config(PRESETS_DIR / "demo-stage1.yaml", common1).model
     no_stage1 = {**common2, "model.from": None, "model.vision": common1["model.vision"],
-                 "model.llm": common1["model.llm"], "model.projector": s1_preset.projector,
-                 "model.vision_feature_layer": s1_preset.vision_feature_layer,
+                 "model.llm": common1["model.llm"], "model.projector": s1_model.projector,
+                 "model.vision_feature_layer": s1_model.vision_feature_layer,
                  "output_dir": str(out / "ablation-no-stage1")}
     main_threads, side_threads = split_threads(torch.get_num_threads())
     side = None

@@ -9,6 +9,9 @@ from PIL import Image
 
 from .sampling import SamplingParams
 
+# The seeds torch.Generator.manual_seed takes: a seed outside them would fail its batch mid-run.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 class PromptError(ValueError):
     """A prompt cannot be generated from (bad turns, images vs placeholders, too long)."""
@@ -38,8 +41,7 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) for s in self.stop), "stop must be a list of strings"),
-            # torch.Generator.manual_seed's range: a seed outside it would fail its batch mid-run
-            (self.seed is None or -(2**63) <= self.seed <= 2**64 - 1, "seed must fit in 64 bits"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed must fit in 64 bits"),
         ]
         for ok, msg in checks:
             if not ok:

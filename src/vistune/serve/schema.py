@@ -5,6 +5,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..infer.types import SEED_MAX, SEED_MIN
+
 
 class ImageURL(BaseModel):
     url: str
@@ -50,8 +52,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # the range torch.Generator.manual_seed takes; outside it a seed would fail the whole batch
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # vistune extensions (same names as vLLM's)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)

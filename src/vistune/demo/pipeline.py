@@ -214,7 +214,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2")
         runs = {"stage1": s1, "stage2": s2}
         if cfg.ablations:
-            with phase("ablation: stage 2 without stage 1"):
+            # Side by side, this phase's time is only the wait for the side run to finish.
+            with phase("ablation: stage 2 without stage 1" + (" (rest of the side run)" if side else "")):
                 runs["no_stage1"] = side.result() if side is not None else train_preset(
                     PRESETS_DIR / "demo-stage2.yaml", no_stage1)
     finally:

@@ -94,7 +94,7 @@ def test_image_as_data_url(served):
                                   "unknown_model", "last_not_user", "n2", "too_many_image_bytes",
                                   "not_an_image_type", "context_length", "top_p_2", "temperature_negative",
                                   "temperature_3", "top_k_negative", "repetition_penalty_0", "seed_overflow",
-                                  "five_stops"])
+                                  "five_stops", "stop_not_a_string", "content_part_not_text"])
 def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
     engine, app, srv, client = served
     img = data_url(solid_image((0, 0, 255), (16, 16)))
@@ -127,6 +127,8 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "repetition_penalty_0": lambda: ask(client, "hi", extra_body={"repetition_penalty": 0}),
         "seed_overflow": lambda: ask(client, "hi", temperature=1, seed=2**64),  # was a 500 from the worker
         "five_stops": lambda: ask(client, "hi", stop=["a", "b", "c", "d", "e"]),
+        "stop_not_a_string": lambda: ask(client, "hi", stop=[1]),  # was param "stop.str"
+        "content_part_not_text": lambda: ask(client, [{"type": "text", "text": 1}]),  # was "messages[0].content.str"
     }
     expect = {  # case: (status, param, code)
         "missing_messages": (400, "messages", "missing_required_parameter"),
@@ -151,6 +153,8 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "repetition_penalty_0": (400, "repetition_penalty", "invalid_value"),
         "seed_overflow": (400, "seed", "invalid_value"),
         "five_stops": (400, "stop", None),
+        "stop_not_a_string": (400, "stop", "invalid_value"),
+        "content_part_not_text": (400, "messages[0].content", "invalid_value"),
     }[case]
     with pytest.raises(openai.APIStatusError) as ei:
         calls[case]()

@@ -4,8 +4,10 @@ A server must not become a way to read its own disk or reach its own network, so
 `file:` URLs and bare paths are refused outright, and remote fetching is off unless
 the operator turns it on; when on, it reaches public addresses only (no loopback,
 private or link-local hosts, also after a redirect) unless the operator allows those
-too. Sizes are checked before decoding (bytes, then the pixel count from the header)
-so a small upload cannot expand into a huge bitmap.
+too, and it connects to the very address it checked, so a name that resolves differently
+a moment later (DNS rebinding) cannot move the connection elsewhere. Sizes are checked
+before decoding (bytes, then the pixel count from the header) so a small upload cannot
+expand into a huge bitmap.
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ import io
 import ipaddress
 import re
 import socket
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin
 
 from PIL import Image
 
 from ..data.images import ImageError, open_image
+
+if TYPE_CHECKING:
+    import httpx
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
 
@@ -90,56 +96,124 @@ def forbidden_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
     return not ip.is_global or ip.is_multicast
 
 
-async def _check_target(url: str, allow_private: bool) -> None:
+def _parse_target(url: str) -> httpx.URL:
+    """The URL as httpx will send it: the host that is resolved and checked is the one
+    that the request names, with no second parser to disagree about it."""
+    import httpx
+
     try:
-        parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port  # .port raises on a malformed port
-    except ValueError as e:
+        target = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as e:
         raise RequestImageError(f"image URL {url!r} is malformed: {e}", code="invalid_image_url") from None
-    if parts.scheme not in ("http", "https"):
+    if target.scheme not in ("http", "https"):
         raise RequestImageError(f"image URL {url!r} is not http(s)", code="image_url_forbidden")
-    if not host:
+    if not target.raw_host:
         raise RequestImageError(f"image URL {url!r} has no host", code="invalid_image_url")
+    if target.port is not None and not 0 < target.port < 65536:
+        raise RequestImageError(f"image URL {url!r} is malformed: port {target.port} is out of range",
+                                code="invalid_image_url")
+    return target
+
+
+async def _resolve(host: str, timeout_s: float) -> list[str]:
+    """The host's addresses, once: the fetch connects to these and never looks the name up again."""
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout_s)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise RequestImageError(f"cannot resolve {host}: {str(e) or 'timed out'}",
+                                code="image_fetch_failed") from None
+    addresses = list(dict.fromkeys(sockaddr[0] for *_, sockaddr in infos))  # an address can come twice
+    if not addresses:
+        raise RequestImageError(f"cannot resolve {host}: no addresses", code="image_fetch_failed")
+    return addresses
+
+
+def _check_addresses(url: str, addresses: list[str], allow_private: bool) -> None:
     if allow_private:
         return
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise RequestImageError(f"cannot resolve {host}: {e}", code="image_fetch_failed") from None
-    # Every address must be public: the client may connect to any of them. (A name that
-    # resolves differently a moment later, DNS rebinding, is not covered by this check.)
-    for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+    # Every address must be public: the fetch may connect to any of them.
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
         if forbidden_address(ip):
             raise RequestImageError(f"image URL {url!r} points at a non-public address ({ip}); this server "
                                     "fetches only from public hosts", code="image_url_forbidden")
 
 
+def _pinned_request(client: httpx.AsyncClient, target: httpx.URL, address: str) -> httpx.Request:
+    """A GET of ``target`` that connects to ``address`` and nowhere else.
+
+    Letting httpx resolve the name again would let a DNS-rebinding host answer a public
+    address to the check and a private one to the connection. So the URL names the
+    checked address, while the Host header and TLS (SNI and certificate verification)
+    keep the original host name.
+    """
+    host = target.raw_host.decode("ascii")
+    return client.build_request("GET", target.copy_with(host=address),
+                                headers={"Host": target.netloc.decode("ascii")},
+                                extensions={"sni_hostname": host})
+
+
+async def _send_pinned(client: httpx.AsyncClient, target: httpx.URL, addresses: list[str]) -> httpx.Response:
+    """The streamed response from the first address that accepts a connection, as a
+    client that resolved the name itself would try them."""
+    import httpx
+
+    for address in addresses[:-1]:
+        try:
+            return await client.send(_pinned_request(client, target, address), stream=True)
+        except httpx.ConnectError:
+            continue  # refused or unreachable; a timeout ends the fetch instead of waiting once per address
+    return await client.send(_pinned_request(client, target, addresses[-1]), stream=True)
+
+
+async def _read_capped(resp: httpx.Response, url: str, max_bytes: int) -> bytes:
+    chunks, total = [], 0
+    async for chunk in resp.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            raise RequestImageError(f"image at {url} is over the limit of {max_bytes} bytes",
+                                    code="image_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _client(timeout_s: float) -> httpx.AsyncClient:
+    import httpx
+
+    # trust_env=False: a proxy from the environment would connect on its own resolution
+    # (and .netrc would hand the operator's credentials to any host a request names).
+    # No keep-alive: a TLS connection verified for one host name must not carry a later
+    # hop to another name that resolved to the same address.
+    return httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False,
+                             limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def fetch_remote(url: str, max_bytes: int, timeout_s: float = 10.0, allow_private: bool = False) -> bytes:
     """GET an http(s) image. Each hop (the URL and every redirect) must be http(s) and,
     unless ``allow_private``, resolve to public addresses only, so a request cannot make
-    the server reach its own loopback, LAN or cloud metadata service."""
+    the server reach its own loopback, LAN or cloud metadata service. The host name is
+    resolved once per hop and the connection goes to an address that was checked."""
     import httpx
 
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        async with _client(timeout_s) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                await _check_target(url, allow_private)
-                async with client.stream("GET", url) as resp:
+                target = _parse_target(url)
+                addresses = await _resolve(target.raw_host.decode("ascii"), timeout_s)
+                _check_addresses(url, addresses, allow_private)
+                resp = await _send_pinned(client, target, addresses)
+                try:
                     if resp.status_code in _REDIRECTS and "location" in resp.headers:
-                        url = urljoin(str(resp.url), resp.headers["location"])
+                        # relative to the URL as named, not to the address it was fetched from
+                        url = urljoin(str(target), resp.headers["location"])
                         continue
                     if resp.status_code != 200:
                         raise RequestImageError(f"fetching {url} gave HTTP {resp.status_code}",
                                                 code="image_fetch_failed")
-                    chunks, total = [], 0
-                    async for chunk in resp.aiter_bytes():
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise RequestImageError(f"image at {url} is over the limit of {max_bytes} bytes",
-                                                    code="image_too_large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    return await _read_capped(resp, url, max_bytes)
+                finally:
+                    await resp.aclose()
             raise RequestImageError(f"fetching the image took over {MAX_REDIRECTS} redirects",
                                     code="image_fetch_failed")
     except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL is no HTTPError

@@ -3,9 +3,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from ..infer.types import SEED_MAX, SEED_MIN
+
+
+def _one_of(expected: str) -> WrapValidator:
+    """A union field whose value fits no member fails as one error at the field itself.
+
+    Pydantic reports one error per member, each located under the member's label
+    ("stop.str", "stop.list[str].0"), which is no parameter an OpenAI client knows.
+    """
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_type", f"expected {expected}") from None
+
+    return WrapValidator(check)
 
 
 class ImageURL(BaseModel):
@@ -30,7 +46,8 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[str | list[ContentPart] | None,
+                       _one_of("a string or a list of content parts (text, image_url)")] = None
     name: str | None = None
 
 
@@ -48,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

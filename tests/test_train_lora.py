@@ -8,7 +8,7 @@ from PIL import Image
 
 import vistune
 
-from train_fixtures import base_model_dir, tiny_config, tiny_data  # noqa: F401
+from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noqa: F401
 from vistune.data.collate import PadCollator
 from vistune.data.dataset import VLDataset, text_settings_for
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
@@ -95,12 +95,111 @@ def test_merge_lora_refuses_plain_runs(tiny_data, base_model_dir, tmp_path):
         merge_lora(tmp_path, tmp_path / "x")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_data, base_model_dir, tmp_path):
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_data, base_model_dir, tmp_path, monkeypatch):
+    from vistune.train import lora
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(lora.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
     cfg = lora_config(tiny_data, base_model_dir, tmp_path, {"lora.bits": 4})
     model, _ = build_model(cfg)
     with pytest.raises(ConfigError, match=r"lora.bits=4 \(QLoRA\) needs bitsandbytes.*pip install bitsandbytes"):
         apply_modes(model, cfg)
+
+
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="QLoRA needs bitsandbytes (the test extra installs it)")
+
+
+def _four_record_run(tiny_data, base_model_dir, out, bits, monkeypatch, batch):
+    """LoRA (bits 16) or QLoRA on four records for 20 steps; returns the run, the model it trained,
+    its logits on ``batch`` before the first step (adapters still zero) and its quantized weights then."""
+    from vistune.train import loop, stages
+
+    seen = {}
+
+    def set_train_mode(model, cfg) -> None:  # the loop's own, called once before the first step
+        stages.set_train_mode(model, cfg)
+        with torch.no_grad():
+            seen["logits"] = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        seen["model"] = model
+        seen["quantized"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype in (torch.uint8,
+                                                                                                       torch.int8)}
+
+    monkeypatch.setattr(loop, "set_train_mode", set_train_mode)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    four = subset(tiny_data["instruct"], out.parent / "four.jsonl", 4, keep=lambda r: "image" in r)
+    r = run(lora_config(tiny_data, base_model_dir, out, {"lora.bits": bits, "data.train": str(four), "train.epochs": 20,
+                                                         "train.scheduler": "constant"}))
+    return r, seen
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_quantizes_the_frozen_llm_learns_like_lora_and_its_adapters_work_on_the_full_base(
+        tiny_data, base_model_dir, tmp_path, monkeypatch, bits):
+    import bitsandbytes as bnb
+
+    base, tok = load_model(base_model_dir)
+    ds = VLDataset(tiny_data["instruct"], text_settings_for(base.config, tok), tiny_data["images"], base.config.image)
+    batch = PadCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+
+    def loss_and_logits(m) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            out = m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
+            full = m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        return out.loss.item(), full
+
+    lora, _ = _four_record_run(tiny_data, base_model_dir, tmp_path / "lora" / "run", 16, monkeypatch, batch)
+    r, seen = _four_record_run(tiny_data, base_model_dir, tmp_path / "qlora" / "run", bits, monkeypatch, batch)
+    model = seen["model"]
+
+    # Every linear layer of the decoder is quantized (2 layers x q k v o gate up down); the head is not.
+    layer_type = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    lm = model.language_model.get_base_model()
+    quantized = [m for m in lm.modules() if isinstance(m, layer_type)]
+    assert len(quantized) == 2 * 7
+    assert type(lm.lm_head) is torch.nn.Linear and lm.lm_head.weight.dtype == torch.float32
+    for m in quantized:
+        stored = m.weight.numel() * m.weight.element_size()
+        assert stored == m.in_features * m.out_features * bits // 8  # two weights a byte at 4 bits
+    assert len(seen["quantized"]) == 2 * 7
+    # Only the adapters and the projector learn; the quantized weights are the same bits after training.
+    learnable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in learnable} == {"language_model", "projector"}
+    assert all("lora_A" in n or "lora_B" in n for n in learnable if n.startswith("language_model."))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in seen["quantized"].items())
+
+    # Before the first step (B = 0) the model is the quantized base: near the full one, not equal to it.
+    base_loss, base_logits = loss_and_logits(base)
+    error = (seen["logits"] - base_logits).abs().max().item()
+    assert 0 < error < 0.2 * (base_logits.max() - base_logits.min()).item(), error
+    # It learns as plain LoRA does.
+    assert lora.first_loss - lora.final_loss > 0.5
+    assert r.first_loss - r.final_loss > 0.8 * (lora.first_loss - lora.final_loss), (r.final_loss, lora.final_loss)
+    # The adapters, loaded onto the full-precision base (as chat, serve and merge-lora do), keep what was learnt.
+    qlora_loss, _ = loss_and_logits(model)
+    loaded_loss, _ = loss_and_logits(vistune.load(r.model_dir).model)
+    assert base_loss - loaded_loss > 0.8 * (base_loss - qlora_loss), (base_loss, qlora_loss, loaded_loss)
+
+
+@needs_bitsandbytes
+def test_a_qlora_run_resumes_from_its_checkpoint_exactly(tiny_data, base_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = lora_config(tiny_data, base_model_dir, run_dir, {"lora.bits": 4, "train.max_steps": 4,
+                                                           "train.save_every": 2, "train.keep_last": 2})
+    run(cfg)
+    straight = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # As if the process died after step 2: the base is quantized again, the adapters come back.
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+    shutil.rmtree(run_dir / "model")
+    r = run(cfg, resume="auto")
+    assert r.resumed_from is not None and r.resumed_from.name == "step-00000002"
+    resumed = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[:2] == straight[:2]
+    assert resumed[2:] == pytest.approx(straight[2:], rel=1e-5)
+    assert is_adapter_dir(run_dir / "model")
 
 
 def test_lora_run_with_its_own_base_survives_a_move(tiny_data, base_model_dir, tmp_path):

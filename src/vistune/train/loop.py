@@ -78,6 +78,10 @@ def run(config: RunConfig, resume: str | None = None) -> TrainResult:
     return Trainer(config, resume=resume).train()
 
 
+# What a run's matmuls compute in, by accelerate's mixed-precision name ("no": fp32).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def mixed_precision(precision: str, device_type: str) -> str:
     if precision == "auto":
         if device_type == "cuda":
@@ -177,7 +181,8 @@ class Trainer:
         with _whole_models(acc):
             model, tok = build_model(cfg)
         lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
-        apply_modes(model, cfg)
+        apply_modes(model, cfg, compute_dtype=AUTOCAST_DTYPES.get(acc.mixed_precision, torch.float32),
+                    device=acc.device)
         restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None
         dataset = self._dataset(model, tok, acc)
         n = len(dataset)

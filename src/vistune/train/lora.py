@@ -24,12 +24,17 @@ from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, LoraSpec
 
 
-def wrap_lora(module: nn.Module, spec: LoraSpec, part: str) -> nn.Module:
-    """Wrap an HF model with LoRA adapters; only the adapters require grad afterwards."""
+def wrap_lora(module: nn.Module, spec: LoraSpec, part: str, compute_dtype: torch.dtype = torch.float32,
+              device: torch.device | None = None) -> nn.Module:
+    """Wrap an HF model with LoRA adapters; only the adapters require grad afterwards.
+
+    With ``spec.bits`` 4 or 8 (QLoRA) the frozen linear layers are quantized first, on
+    ``device``, and 4-bit layers compute in ``compute_dtype`` (the run's precision).
+    """
     from peft import LoraConfig, get_peft_model
 
     if spec.bits != 16:
-        quantize_for_qlora(module, spec.bits, part)
+        quantize_for_qlora(module, spec.bits, part, compute_dtype, device)
     targets = spec.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -41,8 +46,13 @@ def wrap_lora(module: nn.Module, spec: LoraSpec, part: str) -> nn.Module:
         raise ConfigError(f"lora.target_modules {spec.target_modules!r} on {part}: {e}") from None
 
 
-def quantize_for_qlora(module: nn.Module, bits: int, part: str) -> None:
-    """Replace the frozen linear layers by bitsandbytes 4-bit (nf4) or 8-bit ones."""
+def quantize_for_qlora(module: nn.Module, bits: int, part: str, compute_dtype: torch.dtype = torch.float32,
+                       device: torch.device | None = None) -> None:
+    """Replace the frozen linear layers by bitsandbytes 4-bit (nf4) or 8-bit ones.
+
+    Each layer is quantized as it moves to ``device`` (default: where it is), so a model
+    built on the CPU reaches the GPU already small: a 7B LLM never sits there whole in fp32.
+    """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             f"lora.bits={bits} (QLoRA) needs bitsandbytes, which is not installed: "
@@ -57,7 +67,7 @@ def quantize_for_qlora(module: nn.Module, bits: int, part: str) -> None:
                 continue
             if bits == 4:
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True)
             else:
@@ -66,7 +76,7 @@ def quantize_for_qlora(module: nn.Module, bits: int, part: str) -> None:
                 q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-            q.to(lin.weight.device)  # bitsandbytes quantizes on the move to a device
+            q.to(device if device is not None else lin.weight.device)  # bitsandbytes quantizes on the move
             setattr(child, cname, q)
 
 

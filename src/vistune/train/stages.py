@@ -133,8 +133,13 @@ def module_of(model: VisionLanguageModel, part: str) -> nn.Module:
     return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
 
 
-def apply_modes(model: VisionLanguageModel, cfg: RunConfig) -> VisionLanguageModel:
-    """Freeze, fully train, or wrap with LoRA each of vision / projector / llm."""
+def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch.dtype = torch.float32,
+                device: torch.device | None = None) -> VisionLanguageModel:
+    """Freeze, fully train, or wrap with LoRA each of vision / projector / llm.
+
+    ``compute_dtype`` and ``device`` matter to QLoRA only (``lora.bits`` 4 or 8): the
+    quantized layers compute in the run's precision and are quantized where the run trains.
+    """
     from .lora import wrap_lora
 
     t = cfg.train
@@ -143,7 +148,7 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig) -> VisionLanguageMod
         mod = module_of(model, part)
         mod.requires_grad_(mode == "full")
         if mode == "lora":
-            wrapped = wrap_lora(mod.model if part == "vision" else mod, cfg.lora, part)
+            wrapped = wrap_lora(mod.model if part == "vision" else mod, cfg.lora, part, compute_dtype, device)
             if part == "vision":
                 model.vision.model = wrapped
             else:

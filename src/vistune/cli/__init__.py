@@ -11,6 +11,11 @@ import sys
 COMMAND_MODULES = ["data", "train", "infer", "serve", "eval", "interop", "demo"]
 
 
+class CommandError(Exception):
+    """A mistake in what the user gave a command (a path that is no model, say): reported as
+    one ``error:`` line, without a traceback, and exit status 1."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -30,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

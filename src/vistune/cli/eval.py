@@ -80,12 +80,9 @@ class _LazyEngine:
 
     def generate(self, prompts, config):
         if self.engine is None:
-            import torch
+            from .infer import load_engine
 
-            from ..infer.engine import Engine
-
-            dtype = getattr(torch, self.args.dtype) if self.args.dtype else None
-            self.engine = Engine.from_path(self.args.model, device=self.args.device, dtype=dtype)
+            self.engine = load_engine(self.args)
         return self.engine.generate(prompts, config)
 
 

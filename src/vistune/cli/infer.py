@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import CommandError
+
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g = p.add_argument_group("generation")
@@ -33,12 +35,19 @@ def generation_config(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
+    """The engine over ``--model``; a path that holds no loadable model is a `CommandError`."""
     import torch
+    from safetensors import SafetensorError
 
     from ..infer.engine import Engine
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Engine.from_path(args.model, device=args.device, dtype=dtype)
+    try:
+        return Engine.from_path(args.model, device=args.device, dtype=dtype)
+    # Not a model directory, a missing or truncated weights file, a config that is no JSON or
+    # names unknown keys, tokenizer files that do not load: the path, not vistune, is at fault.
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CommandError(f"cannot load the model at {args.model}: {e}") from e
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -37,7 +37,13 @@ ADAPTER_DIRS = {"llm": "llm_adapter", "vision": "vision_adapter"}
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     cfg = Path(path) / CONFIG_NAME
-    return cfg.exists() and "adapter" in json.loads(cfg.read_text())
+    if not cfg.exists():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False  # no adapter directory; loading it as a model names what is wrong
+    return isinstance(d, dict) and "adapter" in d
 
 
 def find_adapter_dir(run: str | os.PathLike) -> Path:

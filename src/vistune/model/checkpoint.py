@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -75,8 +76,11 @@ def read_config(path: str | os.PathLike) -> VLMConfig:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
         raise FileNotFoundError(f"not a vistune model directory (no {CONFIG_NAME}): {path}")
-    d = json.loads(cfg_file.read_text())
-    if "vision" not in d or "text" not in d:
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or "vision" not in d or "text" not in d:
         raise ValueError(
             f"{cfg_file} is not a vistune config (no 'vision'/'text'); "
             "to use an original LLaVA or llava-hf checkpoint, run `vistune import` first"
@@ -121,8 +125,11 @@ def load_model(
         raise FileNotFoundError(f"model weights missing: {weights}")
     # Like transformers' dtype="auto": a model saved in bf16 comes back in bf16 (half the
     # memory, the very same numbers) unless the caller asks for another dtype.
-    model.to(dtype or _stored_float_dtype(weights))
-    missing, unexpected = st_load_model(model, str(weights), strict=False)
+    try:
+        model.to(dtype or _stored_float_dtype(weights))
+        missing, unexpected = st_load_model(model, str(weights), strict=False)
+    except SafetensorError as e:  # truncated or not safetensors at all: say which file
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from None
     # Tied weights are stored once; anything else missing is a corrupt checkpoint.
     tied = set(_tied_names(model))
     missing = [k for k in missing if k not in tied]

@@ -45,10 +45,12 @@ def test_dataset_items_and_errors(tiny_model, tmp_path):
         ds[2]
     with pytest.raises(SampleError, match="record 'broken'.*cannot decode"):
         ds[3]
-    with pytest.raises(SampleError, match="record 'noplace'.*no <image> placeholder"):
+    with pytest.raises(SampleError, match="record 'noplace'.*no <image> placeholder") as e:
         ds[4]
-    with pytest.raises(SampleError, match="record 'order'.*roles out of order"):
+    assert e.value.record_id == "noplace"  # a malformed record is named by its id, as a bad image's is
+    with pytest.raises(SampleError, match="record 'order'.*roles out of order") as e:
         ds[5]
+    assert e.value.record_id == "order"
     batch = PadCollator(tok.pad_token_id)([a, b])
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])

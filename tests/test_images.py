@@ -54,8 +54,13 @@ def test_missing_corrupt_and_bomb(tmp_path):
         open_image(tmp_path / "nope.png")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    with pytest.raises(ImageError, match="cannot decode image .*bad.jpg"):
+    with pytest.raises(ImageError, match="cannot decode image .*bad.jpg") as e:
         open_image(bad)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ImageError, match="cannot decode image .*junk.png: cannot identify image file") as e:
+        open_image(junk)
+    assert "BufferedReader" not in str(e.value)  # the path once, not PIL's reader repr too
     big = tmp_path / "big.png"
     Image.new("L", (2000, 2000)).save(big)
     with pytest.raises(ImageError, match="over the limit"):

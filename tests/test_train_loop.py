@@ -57,10 +57,10 @@ def test_bad_records_are_skipped_counted_and_reported(tiny_data, tmp_path):
 
     # One bad record fewer allowed than met: the run stops, naming them.
     cfg = cfg.with_overrides(["train.max_bad_records=2", f"output_dir={tmp_path / 'run2'}"])
-    with pytest.raises(TooManyBadRecords, match=r"3 bad records \(limit 2 of 15.*'(missing-img|junk-img|too-long)'"):
+    with pytest.raises(TooManyBadRecords, match=r"3 bad records of 15, over the 2 that train.max_bad_records allows.*'(missing-img|junk-img|too-long)'"):
         run(cfg)
     # As a fraction of the data set: 3 / 15 = 20 % > 10 %
-    with pytest.raises(TooManyBadRecords, match=r"limit 1.5 of 15"):
+    with pytest.raises(TooManyBadRecords, match=r"of 15, over the 1 that train.max_bad_records allows"):
         run(cfg.with_overrides(["train.max_bad_records=0.1"]))
 
 

@@ -64,7 +64,7 @@ class VLDataset(Dataset):
         try:
             return self.records[i]
         except RecordError as e:
-            raise SampleError(e.where, e.reason) from None
+            raise SampleError(e.record_id, e.reason) from None
 
     def __getitem__(self, i: int) -> dict:
         rec = self.record(i)

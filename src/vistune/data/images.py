@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         except Image.DecompressionBombError as e:
             raise ImageError(f"image {name} refused as a decompression bomb: {e}") from None
         except Exception as e:  # PIL raises many types for corrupt files
-            raise ImageError(f"cannot decode image {name}: {e}") from None
+            # PIL names the file by its reader's repr ("<_io.BufferedReader name=...>"); the path is said already
+            why = re.sub(r"\s*<_io\.\w+ name=.*?>", "", str(e)).strip() or type(e).__name__
+            raise ImageError(f"cannot decode image {name}: {why}") from None
     return to_rgb(img)
 
 

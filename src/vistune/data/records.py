@@ -19,9 +19,11 @@ from ..text.templates import ASSISTANT_ROLES, HUMAN_ROLES, IMAGE_PLACEHOLDER
 class RecordError(ValueError):
     """A record breaks the LLaVA format; the message names the record and its file."""
 
-    def __init__(self, where: str, reason: str):
+    def __init__(self, where: str, reason: str, record_id: str | None = None):
         self.where = where
         self.reason = reason
+        # what a training run's bad-record list calls it: its id, or its file and line when it has none
+        self.record_id = record_id if record_id is not None else where
         super().__init__(f"{where}: {reason}")
 
 
@@ -60,6 +62,10 @@ def parse_record(obj: object, source: str = "") -> Record:
         raise RecordError(where, "missing 'id'")
     rid = str(rid)
     where = f"record {rid!r}" + (f" ({source})" if source else "")
+
+    def fail(reason: str) -> RecordError:
+        return RecordError(where, reason, record_id=rid)
+
     image = obj.get("image")
     if image is None:
         images: list[str] = []
@@ -68,36 +74,36 @@ def parse_record(obj: object, source: str = "") -> Record:
     elif isinstance(image, list) and all(isinstance(p, str) for p in image):
         images = list(image)
     else:
-        raise RecordError(where, "'image' must be a path or a list of paths")
+        raise fail("'image' must be a path or a list of paths")
     conv = obj.get("conversations")
     if not isinstance(conv, list) or not conv:
-        raise RecordError(where, "'conversations' must be a non-empty list of turns")
+        raise fail("'conversations' must be a non-empty list of turns")
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RecordError(where, f"turn {i} must be an object with 'from' and 'value'")
+            raise fail(f"turn {i} must be an object with 'from' and 'value'")
         role = turn["from"]
         expect_human = i % 2 == 0
         if role not in HUMAN_ROLES + ASSISTANT_ROLES:
-            raise RecordError(where, f"turn {i}: unknown role {role!r} (expected 'human' or 'gpt')")
+            raise fail(f"turn {i}: unknown role {role!r} (expected 'human' or 'gpt')")
         if expect_human != (role in HUMAN_ROLES):
-            raise RecordError(
-                where, f"turn {i}: roles out of order (expected {'human' if expect_human else 'gpt'}, got {role!r})"
+            raise fail(
+                f"turn {i}: roles out of order (expected {'human' if expect_human else 'gpt'}, got {role!r})"
             )
         if not isinstance(turn["value"], str) or not turn["value"].strip():
-            raise RecordError(where, f"turn {i} ({role}): empty turn")
+            raise fail(f"turn {i} ({role}): empty turn")
         if role in ASSISTANT_ROLES and IMAGE_PLACEHOLDER in turn["value"]:
-            raise RecordError(where, f"turn {i}: {IMAGE_PLACEHOLDER} placeholder in an assistant reply")
+            raise fail(f"turn {i}: {IMAGE_PLACEHOLDER} placeholder in an assistant reply")
     if conv[-1]["from"] not in ASSISTANT_ROLES:
-        raise RecordError(where, "last turn is not an assistant reply (nothing to train on)")
+        raise fail("last turn is not an assistant reply (nothing to train on)")
     extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations")}
     rec = Record(rid, images, [{"from": t["from"], "value": t["value"]} for t in conv], source, extra)
     n = rec.num_placeholders
     if n != len(images):
         if images and n == 0:
-            raise RecordError(where, f"has {len(images)} image(s) but no {IMAGE_PLACEHOLDER} placeholder")
+            raise fail(f"has {len(images)} image(s) but no {IMAGE_PLACEHOLDER} placeholder")
         if not images:
-            raise RecordError(where, f"has {n} {IMAGE_PLACEHOLDER} placeholder(s) but no image")
-        raise RecordError(where, f"has {len(images)} image(s) but {n} {IMAGE_PLACEHOLDER} placeholder(s)")
+            raise fail(f"has {n} {IMAGE_PLACEHOLDER} placeholder(s) but no image")
+        raise fail(f"has {len(images)} image(s) but {n} {IMAGE_PLACEHOLDER} placeholder(s)")
     return rec
 
 

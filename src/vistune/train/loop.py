@@ -46,7 +46,8 @@ class TooManyBadRecords(RuntimeError):
         shown = ", ".join(f"{b['id']!r} ({b['reason']})" for b in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         super().__init__(
-            f"{len(bad)} bad records (limit {limit:g} of {total}; train.max_bad_records): {shown}{more}. "
+            f"{len(bad)} bad records of {total}, over the {int(limit)} that train.max_bad_records allows: "
+            f"{shown}{more}. "
             "Fix or remove them (vistune data validate), or raise train.max_bad_records"
         )
 

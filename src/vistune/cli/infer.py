@@ -64,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="answers JSONL (appended; ids already there are skipped)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model-name", default=None, help="the 'model' field of answers (default: directory name)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip a question that cannot be answered (a malformed line, a missing or corrupt image, "
+                        "a prompt longer than the context) instead of stopping at it: each one is listed with "
+                        "its id and the reason in OUT.errors.jsonl, which every --skip-bad run starts afresh. "
+                        "A listed question is not answered, so a rerun tries it again (after you fix its image, say)")
     add_generation_args(p, 128)
     p.set_defaults(func=cmd_predict)
 
@@ -132,9 +137,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     try:
         stats = predict_file(engine, args.data, args.out, args.images, batch_size=args.batch_size,
-                             config=generation_config(args), model_name=args.model_name, system=args.system)
+                             config=generation_config(args), model_name=args.model_name, system=args.system,
+                             skip_bad=args.skip_bad)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{stats.total} questions: {stats.written} answered now, {stats.skipped} already in {args.out}")
+    summary = f"{stats.total} questions: {stats.written} answered now, {stats.skipped} already in {args.out}"
+    if args.skip_bad:
+        summary += f"; {stats.bad} bad ones skipped" + (f", listed in {stats.errors}" if stats.errors else "")
+    print(summary)
     return 0

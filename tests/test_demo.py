@@ -103,7 +103,7 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     assert "vistune chat --model" in printed and "Targets met:" in printed
 
 
-def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch):
+def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch, capsys):
     import vistune.demo.pipeline as pipeline
 
     seen = []
@@ -120,3 +120,8 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     assert [c.precision for c in seen] == ["bf16", "auto", "fp32", "auto"]
     assert [c.side_by_side for c in seen] == [True, True, True, False]
     assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8
+    steps = {c.stage2_steps for c in seen}
+    assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "1200"]) == 0
+    assert seen[-1].stage2_steps == 1200 and 1200 not in steps
+    assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "0"]) == 1
+    assert "--stage2-steps must be at least 1, not 0" in capsys.readouterr().err

@@ -32,3 +32,26 @@ def test_majority_baseline_per_kind_and_overall():
     m = majority_baseline(QUESTIONS)
     assert m["color"] == 0.5 and m["count"] == 1.0
     assert m["overall"] == 0.75
+
+
+def test_object_recall_counts_an_object_named_in_either_order(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vistune.demo.evaluate import object_recall
+    from vistune.instruct.annotations import Box, ImageAnnotation
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    boxes = [Box(s, (1.0, 1.0, 9.0, 9.0), {"color": c, "shape": s, "size": "small"})
+             for c, s in (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("purple", "diamond"))]
+    ann = ImageAnnotation(id="a", file="a.png", width=64, height=64, captions=["x"], boxes=boxes)
+
+    class Fake:
+        def generate(self, prompts, cfg):
+            # Three of four named, in three different forms; "green" and "triangle" apart do not count.
+            return [SimpleNamespace(text="A small circle in red, a Square colored blue, a purple diamond. "
+                                         "Green things and a triangle.") for _ in prompts]
+
+    recall, samples = object_recall(Fake(), [ann], tmp_path)
+    assert recall == 0.75 and samples[0]["recalled"] == 3

@@ -68,7 +68,8 @@ def test_every_answer_is_true_of_its_scene(world):
             n = len(ann.boxes)
             assert NUMBER_WORDS[n] in text
             for (c, s), b in objects(ann).items():
-                assert f"{b.attributes['size']} {c} {s}" in text
+                sz = b.attributes["size"]
+                assert any(f in text for f in (f"{sz} {c} {s}", f"{sz} {s} in {c}", f"{sz} {s} colored {c}")), text
         else:
             q, a = conv[0]["value"].replace("<image>", "").strip(), conv[1]["value"]
             n = len(ann.boxes)

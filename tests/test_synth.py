@@ -2,7 +2,10 @@ import numpy as np
 from PIL import Image
 
 from vistune.instruct.annotations import load_annotations
-from vistune.instruct.synth import COLORS, WorldConfig, make_world
+import random
+
+from vistune.instruct.annotations import Box
+from vistune.instruct.synth import COLORS, WorldConfig, make_world, phrase
 
 
 def test_world_images_match_annotations(tmp_path):
@@ -39,3 +42,27 @@ def test_world_is_deterministic(tmp_path):
 def test_world_config_sizes(tmp_path):
     anns = make_world(tmp_path, 4, seed=1, cfg=WorldConfig(image_size=96, max_objects=2))
     assert all(a.width == 96 and len(a.boxes) <= 2 for a in anns)
+
+
+def test_phrase_names_the_colour_before_or_after_the_shape():
+    b = Box("circle", (1.0, 1.0, 9.0, 9.0), {"color": "red", "shape": "circle", "size": "small"})
+    rng = random.Random(0)
+    seen = {phrase(b, rng) for _ in range(60)}
+    assert seen == {"red circle", "circle in red", "circle colored red"}
+    assert phrase(b, random.Random(1), with_size=True).startswith("small ")
+
+
+def test_captions_name_every_object_in_both_orders(tmp_path):
+    # Captions that only ever said "red circle" taught the demo's LM to find an object by its
+    # colour but not by its shape (docs/demo.md): both orders must occur.
+    anns = make_world(tmp_path, 40, seed=5)
+    colour_first = shape_first = 0
+    for a in anns:
+        for cap in a.captions:
+            for b in a.boxes:
+                c, s = b.attributes["color"], b.attributes["shape"]
+                forms = (f"{c} {s}", f"{s} in {c}", f"{s} colored {c}")
+                assert any(f in cap for f in forms), (cap, c, s)
+                colour_first += f"{c} {s}" in cap
+                shape_first += f"{s} in {c}" in cap or f"{s} colored {c}" in cap
+    assert colour_first > 50 and shape_first > 50

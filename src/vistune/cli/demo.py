@@ -18,16 +18,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="of vision pretraining and stages 1 and 2 (default: auto, bf16 where the CPU has it "
                         "natively; --quick: fp32)")
+    p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                   help="stage-2 steps (default: the preset's); more steps buy accuracy with time, "
+                        "the no-stage-1 ablation takes as many")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo.pipeline import DemoConfig, run_demo
+    from . import CommandError
 
     kw = dict(out=args.out, seed=args.seed, ablations=not args.no_ablations, threads=args.threads,
               side_by_side=not args.one_process)
     if args.precision is not None:
         kw["precision"] = args.precision
+    if args.stage2_steps is not None:
+        if args.stage2_steps < 1:
+            raise CommandError(f"--stage2-steps must be at least 1, not {args.stage2_steps}")
+        kw["stage2_steps"] = args.stage2_steps
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     report = run_demo(cfg)
     acc = report["accuracy"]

@@ -2,7 +2,7 @@
 
 Short-answer questions (one per kind and scene) are graded by exact match after
 light normalisation; detailed descriptions by object recall (the fraction of the
-scene's objects, as "colour shape", named in the description).
+scene's objects named in the description, with the colour before or after the shape).
 
 Exact match also fails an answer whose first word is right but which does not stop
 ("Blue No No No"). The first-word accuracy beside it separates the two: a model can
@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..infer.engine import Engine, GenerationConfig, Prompt
 from ..instruct.annotations import ImageAnnotation
-from ..instruct.synth import name
+from ..instruct.synth import name, phrasings
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -90,7 +90,7 @@ def majority_baseline(questions: Sequence[dict]) -> dict[str, float]:
 def object_recall(engine: Engine, anns: Sequence[ImageAnnotation], image_root: Path,
                   instruction: str = "Describe this image in detail.", max_new_tokens: int = 96,
                   batch_size: int = 16) -> tuple[float, list[dict]]:
-    """Fraction of objects ("colour shape") that the detailed descriptions name."""
+    """Fraction of objects (colour and shape, in any of `phrasings`) that the detailed descriptions name."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     found = total = 0
     samples = []
@@ -99,7 +99,8 @@ def object_recall(engine: Engine, anns: Sequence[ImageAnnotation], image_root: P
         prompts = [Prompt.ask(instruction, [Image.open(image_root / a.file).convert("RGB")]) for a in chunk]
         for a, c in zip(chunk, engine.generate(prompts, cfg)):
             text = normalize(c.text)
-            hit = sum(normalize(name(b)) in text for b in a.boxes)
+            # In any of the forms the training descriptions use ("red circle", "circle in red").
+            hit = sum(any(normalize(p) in text for p in phrasings(b)) for b in a.boxes)
             found += hit
             total += len(a.boxes)
             samples.append({"image": a.file, "description": c.text, "objects": [name(b) for b in a.boxes],

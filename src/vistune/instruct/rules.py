@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from ..text.templates import IMAGE_PLACEHOLDER
 from .annotations import Box, ImageAnnotation
 from .instructions import DETAIL_INSTRUCTIONS
-from .synth import COLORS, SHAPES, horizontal, location_phrase, name, number_word, vertical
+from .synth import COLORS, SHAPES, horizontal, location_phrase, name, number_word, phrase, vertical
 
 KINDS = ("conversation", "detail", "reasoning")  # LLaVA-Instruct's; BUILDERS also has "referring" and "vqa"
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
@@ -193,7 +193,7 @@ def describe(ann: ImageAnnotation, rng: random.Random) -> str:
         loc = location_phrase(b, ann.width, ann.height)
         opener = rng.choice(["There is", "I can see", "The image contains"]) if i == 0 else rng.choice(
             ["There is also", "Next, there is", "In addition, there is"])
-        parts.append(f"{opener} a {name(b, with_size=True)} {loc}.")
+        parts.append(f"{opener} a {phrase(b, rng, with_size=True)} {loc}.")
     if n > 1:
         largest = [b for b in boxes if b.attributes["size"] == "large"]
         if largest and len(largest) < n:

@@ -7,7 +7,7 @@ from vistune.data.records import parse_record
 from vistune.instruct.annotations import Box, ImageAnnotation
 from vistune.instruct.rules import (KINDS, QUESTION_KINDS, SHORT_SUFFIX, RulesError, generate_mix, generate_records,
                                    short_answer_questions)
-from vistune.instruct.synth import NUMBER_WORDS, make_world
+from vistune.instruct.synth import NUMBER_WORDS, make_world, phrasings
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,8 @@ def test_every_answer_is_true_of_its_scene(world):
             text = conv[1]["value"]
             n = len(ann.boxes)
             assert NUMBER_WORDS[n] in text
-            for (c, s), b in objects(ann).items():
-                sz = b.attributes["size"]
-                assert any(f in text for f in (f"{sz} {c} {s}", f"{sz} {s} in {c}", f"{sz} {s} colored {c}")), text
+            for b in objects(ann).values():
+                assert any(f in text for f in phrasings(b, with_size=True)), text
         else:
             q, a = conv[0]["value"].replace("<image>", "").strip(), conv[1]["value"]
             n = len(ann.boxes)

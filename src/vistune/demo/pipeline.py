@@ -59,7 +59,7 @@ class DemoConfig:
     # orthogonalisation half as often. Batches of 14, not 16: on a CPU without native bf16 the
     # demo took 599 s at 16, with no margin under its 600 s (docs/demo.md).
     # The lookups form late: with captions in both orders, 14 x 1200 gave 84.8 % (seed 0) where
-    # 14 x 300 gives ~65 %, but 1200 steps and their ablation take ~12 minutes on a fast 2-core CPU.
+    # 14 x 300 gives ~65 %, but 1200 steps and their ablation took 782 s on a fast 2-core CPU.
     # `vistune demo --stage2-steps 1200` buys them (docs/demo.md).
     stage2_steps: int = 300
     stage2_batch: int = 14

@@ -115,7 +115,7 @@ def phrase(b: Box, rng: random.Random, with_size: bool = False) -> str:
     colour by shape 67 % and existence 54 %; with captions in both orders, 96 % and 82 %
     (docs/demo.md).
     """
-    return phrasings(b, with_size)[rng.randrange(3)]
+    return rng.choice(phrasings(b, with_size))
 
 
 def horizontal(b: Box, width: int) -> str:

@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vistune
+from vistune import hardware
 from vistune.cli import main
 from vistune.demo.foundation import LMPretrainConfig, VisionPretrainConfig
 from vistune.demo.pipeline import DemoConfig, run_demo
@@ -45,6 +46,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert f"feature_cache: {out / 'feature_cache'}" in (out / run / "config.yaml").read_text(), run
     assert (out / "feature_cache" / "index.json").exists()
     assert saved["ablation_side_by_side"] is True
+    # Stage 2 and its ablation compile the LM where a C++ compiler is found (auto); stage 1 does not.
+    assert saved["compiled"] is (hardware.cpp_compiler() is not None)
+    for run in ["stage2", "ablation-no-stage1"]:
+        assert f"compile: {str(saved['compiled']).lower()}" in (out / run / "config.yaml").read_text(), run
+    assert "compile: false" in (out / "stage1" / "config.yaml").read_text()
     assert len(read_metrics(out / "ablation-no-stage1" / "metrics.jsonl")) == 3  # every step of the side run
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
@@ -120,8 +126,9 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     assert [c.precision for c in seen] == ["bf16", "auto", "fp32", "auto"]
     assert [c.side_by_side for c in seen] == [True, True, True, False]
     assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8
-    steps = {c.stage2_steps for c in seen}
-    assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "1200"]) == 0
-    assert seen[-1].stage2_steps == 1200 and 1200 not in steps
+    assert [c.compile for c in seen] == ["auto", "auto", "off", "off"]  # two minutes do not repay a compile
+    assert seen[1].stage2_steps == 1200
+    assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "600", "--compile", "off"]) == 0
+    assert seen[-1].stage2_steps == 600 and seen[-1].compile == "off"
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "0"]) == 1
     assert "--stage2-steps must be at least 1, not 0" in capsys.readouterr().err

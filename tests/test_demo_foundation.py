@@ -3,8 +3,9 @@ import random
 import pytest
 import torch
 
+from vistune import hardware
 from vistune.demo import foundation
-from vistune.demo.foundation import hard_negative, region_weights, resolve_precision, scene_caption
+from vistune.demo.foundation import hard_negative, region_weights, resolve_compile, resolve_precision, scene_caption
 from vistune.instruct.annotations import Box
 from vistune.instruct.synth import WorldConfig, sample_scene
 
@@ -51,3 +52,25 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16")
+
+
+def test_compile_auto_needs_a_cpp_compiler(monkeypatch):
+    import torch._inductor.cpp_builder as builder
+
+    def no_compiler():
+        raise RuntimeError("Failed to find a working C++ compiler")
+
+    hardware.cpp_compiler.cache_clear()
+    monkeypatch.setattr(builder, "get_cpp_compiler", no_compiler)
+    try:
+        assert hardware.cpp_compiler() is None
+        assert resolve_compile("auto") is False
+        assert resolve_compile("on") is True  # asked for: inductor's own error will say what is missing
+    finally:
+        hardware.cpp_compiler.cache_clear()
+    monkeypatch.setattr(builder, "get_cpp_compiler", lambda: "g++")
+    assert hardware.cpp_compiler() == "g++" and resolve_compile("auto") is True
+    assert resolve_compile("off") is False
+    hardware.cpp_compiler.cache_clear()
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        resolve_compile("yes")

@@ -25,6 +25,17 @@ def native_bf16_cpu() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@lru_cache(maxsize=1)
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, or None where there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # no compiler on PATH (inductor raises), or an inductor without this helper
+        return None
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls on ``device`` run natively (CUDA GPUs from Ampere on, or such a CPU)."""
     if device.type == "cuda":

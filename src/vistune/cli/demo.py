@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="of vision pretraining and stages 1 and 2 (default: auto, bf16 where the CPU has it "
                         "natively; --quick: fp32)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="torch.compile stage 2's LM (default: auto, where a C++ compiler is found; --quick: off)")
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
                    help="stage-2 steps (default: the preset's); more steps buy accuracy with time, "
                         "the no-stage-1 ablation takes as many")
@@ -32,6 +34,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               side_by_side=not args.one_process)
     if args.precision is not None:
         kw["precision"] = args.precision
+    if args.compile is not None:
+        kw["compile"] = args.compile
     if args.stage2_steps is not None:
         if args.stage2_steps < 1:
             raise CommandError(f"--stage2-steps must be at least 1, not {args.stage2_steps}")

@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 
 from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
-from ..hardware import native_bf16_cpu
+from ..hardware import cpp_compiler, native_bf16_cpu
 from ..instruct.annotations import Box
 from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
 from ..model.checkpoint import image_processor_dict
@@ -300,3 +300,10 @@ def resolve_precision(precision: str) -> str:
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     return ("bf16" if native_bf16_cpu() else "fp32") if precision == "auto" else precision
+
+
+def resolve_compile(setting: str) -> bool:
+    """``auto`` -> compile where a C++ compiler is found (inductor builds CPU kernels with it)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, got {setting!r}")
+    return cpp_compiler() is not None if setting == "auto" else setting == "on"

@@ -33,7 +33,7 @@ from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_lo
 from .optim import build_optimizer, build_scheduler
 from .packing import use_packed_attention
 from .sampler import BatchPlan
-from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, describe, save_projector,
+from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, save_projector,
                      set_train_mode, trainable_state_dict)
 
 log = logging.getLogger("vistune.train")
@@ -180,6 +180,8 @@ class Trainer:
         apply_modes(model, cfg, compute_dtype=AUTOCAST_DTYPES.get(acc.mixed_precision, torch.float32),
                     device=acc.device)
         restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None
+        if t.compile:
+            restore_attn = compile_decoder(model, acc.device) or restore_attn
         dataset = self._dataset(model, tok, acc)
         n = len(dataset)
         if n == 0:
@@ -195,6 +197,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, t, total)
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if self.sharded and t.compile:
+            raise ConfigError("train.compile compiles the LM in this process; DeepSpeed and FSDP wrap it in their "
+                              "own engines: leave train.compile off there")
         if self.sharded and t.optimizer != "adamw":
             raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "
                               "use train.optimizer: adamw there, or DDP (configs/accelerate/ddp.yaml)")

@@ -45,7 +45,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
         # ...and both read the frozen ResNet's features from one cache, built once.
         assert f"feature_cache: {out / 'feature_cache'}" in (out / run / "config.yaml").read_text(), run
     assert (out / "feature_cache" / "index.json").exists()
-    assert saved["ablation_side_by_side"] is True
+    assert saved["ablation_side_by_side"] is True and saved["stage2_steps"] == 3
     # Stage 2 and its ablation compile the LM where a C++ compiler is found (auto); stage 1 does not.
     assert saved["compiled"] is (hardware.cpp_compiler() is not None)
     for run in ["stage2", "ablation-no-stage1"]:
@@ -109,6 +109,16 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     assert "vistune chat --model" in printed and "Targets met:" in printed
 
 
+def test_stage2_steps_follow_what_the_machine_computes_fast(monkeypatch):
+    import vistune.demo.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "fast_bf16", lambda device: True)
+    assert pipeline.default_stage2_steps() == 1200
+    monkeypatch.setattr(pipeline, "fast_bf16", lambda device: False)
+    assert pipeline.default_stage2_steps() == 300
+    assert DemoConfig().stage2_steps is None and DemoConfig.quick().stage2_steps == 480
+
+
 def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch, capsys):
     import vistune.demo.pipeline as pipeline
 
@@ -127,7 +137,7 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     assert [c.side_by_side for c in seen] == [True, True, True, False]
     assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8
     assert [c.compile for c in seen] == ["auto", "auto", "off", "off"]  # two minutes do not repay a compile
-    assert seen[1].stage2_steps == 1200
+    assert seen[1].stage2_steps is None  # the machine's: see default_stage2_steps
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "600", "--compile", "off"]) == 0
     assert seen[-1].stage2_steps == 600 and seen[-1].compile == "off"
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "0"]) == 1

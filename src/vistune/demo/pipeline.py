@@ -24,6 +24,7 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory
+from ..hardware import fast_bf16
 from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -59,9 +60,10 @@ class DemoConfig:
     # orthogonalisation half as often. Batches of 14, not 16: on a CPU without native bf16 the
     # demo took 599 s at 16, with no margin under its 600 s (docs/demo.md).
     # The lookups form late: with captions in both orders, 14 x 1200 gave 84.8 % (seed 0) where
-    # 14 x 300 gave 64.8 %, 14 x 900 70.3 % (docs/demo.md). 1200 steps and their ablation fit the
-    # 600 s only with the LM compiled (`compile`).
-    stage2_steps: int = 1200
+    # 14 x 300 gave 64.8 % and 14 x 900 70.3 % (docs/demo.md). None: 1200 where bf16 matmuls are
+    # native (AMX, AVX512-BF16, GPUs), whose 1200 steps and ablation fit the 600 s with the LM
+    # compiled (`compile`); 300 elsewhere, which took 535-550 s on AVX2-only EPYCs.
+    stage2_steps: int | None = None
     stage2_batch: int = 14
     stage2_lr: float | None = None  # None: the preset's (configs/demo-stage2.yaml)
     stage2_muon_lr: float | None = None  # the rate of the matrices Muon updates; None: the preset's
@@ -101,6 +103,11 @@ class DemoConfig:
             compile="off", time_budget_s=120.0,
         )
         return replace(base, **kw)
+
+
+def default_stage2_steps() -> int:
+    """Stage-2 steps that fit the demo's 600 s: 1200 where bf16 matmuls are native, else 300."""
+    return 1200 if fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else 300
 
 
 def _seed_all(seed: int) -> None:
@@ -150,6 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     compiled = resolve_compile(cfg.compile)
+    steps2 = cfg.stage2_steps or default_stage2_steps()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     phase = _Phases()
@@ -189,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "data.train": str(data / "pairs.jsonl"), "data.images": str(world / "train"),
                "train.max_steps": cfg.stage1_steps, "train.seed": cfg.seed, "train.precision": precision}
     common2 = {"data.train": str(data / "instruct.jsonl"), "data.images": str(world / "train"),
-               "train.max_steps": cfg.stage2_steps, "train.batch_size": cfg.stage2_batch, "train.seed": cfg.seed,
+               "train.max_steps": steps2, "train.batch_size": cfg.stage2_batch, "train.seed": cfg.seed,
                "train.precision": precision, "train.compile": compiled,
                # The tower is frozen in stage 2: its features are computed once, and stage 2 and its
                # ablation (the same tower) read them instead of decoding and encoding images each step.
@@ -213,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"   the no-stage-1 ablation trains in a second process ({side_threads} of "
               f"{main_threads + side_threads} threads) beside stages 1 and 2", flush=True)
         side = SideRun(PRESETS_DIR / "demo-stage2.yaml", no_stage1, side_threads,
-                       "ablation (no stage 1)", cfg.stage2_steps)
+                       "ablation (no stage 1)", steps2)
         torch.set_num_threads(main_threads)
     try:
         with phase("stage 1: feature alignment (projector only)"):
@@ -263,6 +271,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "seed": cfg.seed,
             "precision": precision,
             "compiled": compiled,
+            "stage2_steps": steps2,
             "config": asdict(cfg),
             "accuracy": {k: round(g.accuracy, 4) for k, g in results.items()},
             "accuracy_by_kind": {k: {kk: round(vv, 4) for kk, vv in g.by_kind.items()} for k, g in results.items()},

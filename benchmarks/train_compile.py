@@ -1,0 +1,168 @@
+"""Stage-2 step time with ``train.compile`` against the same model uncompiled.
+
+The model has the shape of the demo's stage 2 (a 192-wide, 4-layer Llama with 6 heads
+under 64 visual tokens per image, batch 14), tower frozen and read from precomputed
+features as the demo's feature cache gives them. Both systems hold the same weights
+and see the same batches (a LLaVA-like mix of short answers and long descriptions, so
+the length varies from batch to batch as it does in training):
+
+    eager      vistune as it trains by default (SDPA attention)
+    compiled   vistune.train.stages.compile_decoder: the decoder under torch.compile,
+               dynamic shapes, eager attention on a CPU (what train.compile does)
+
+Steps are interleaved (round robin) so that load drifts hit both alike; medians are
+compared. The compile itself is timed apart (the first compiled step minus an eager one),
+with an empty inductor cache of its own, as a fresh machine pays it.
+
+    python benchmarks/train_compile.py               # writes benchmarks/results/train_compile.{json,md}
+    python benchmarks/train_compile.py --threads 1   # torch threads (default: torch's own choice)
+    python benchmarks/train_compile.py --quick       # fewer steps, writes nothing
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vistune-bench-inductor-")
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_throughput as tt  # noqa: E402  (its tokenizer, samples and round-robin timer)
+
+from vistune.data.collate import PadCollator  # noqa: E402
+from vistune.hardware import fast_bf16  # noqa: E402
+from vistune.model.build import build_vlm  # noqa: E402
+from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E402
+from vistune.train.stages import compile_decoder  # noqa: E402
+
+BATCH = 14
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def demo_shaped_model(tok):
+    torch.manual_seed(0)
+    vision = tiny_vision_config("clip", image_size=64, patch_size=8, hidden_size=96, layers=2, heads=4)
+    text = tiny_text_config("llama", vocab_size=len(tok) + 8, hidden_size=192, layers=4, heads=6, max_positions=512)
+    text.update(intermediate_size=576, num_key_value_heads=6)
+    model, tok = build_vlm(vision, text, tok, projector_type="mlp2x_gelu", template="vicuna_v1", max_length=512)
+    return model, tok
+
+
+def cached_batches(model, tok, n: int) -> list[dict]:
+    """Padded batches with the tower's features in place of pixels (the demo's feature cache)."""
+    out = []
+    for k in range(n):
+        samples = tt.make_samples(model, tok, BATCH, seed=k)
+        b = PadCollator(tok.pad_token_id)(samples)
+        with torch.no_grad():
+            feats = model.vision(b["pixel_values"])
+        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                    "vision_features": feats})
+    return out
+
+
+def step_fn(model, autocast):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch):
+        with autocast():
+            out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, n_batches = (6, 4) if args.quick else (30, 8)
+    device = torch.device("cpu")
+    bf16 = fast_bf16(device)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    tok = tt.make_tokenizer()
+    eager, tok = demo_shaped_model(tok)
+    eager.vision.requires_grad_(False)
+    eager.train()
+    eager.vision.eval()
+    compiled = copy.deepcopy(eager)
+    batches = cached_batches(eager, tok, n_batches)
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+
+    with torch.no_grad():
+        ref = eager(**batches[0]).loss
+    replaced = compile_decoder(compiled, device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        got = compiled(**batches[0]).loss
+    # Same weights, same batch: the same loss (eager attention vs SDPA, fused kernels) before timing.
+    assert torch.allclose(ref, got, rtol=1e-4), (float(ref), float(got))
+
+    systems = {"eager": tt.System("eager", step_fn(eager, autocast), batches, tokens),
+               "compiled": tt.System("compiled", step_fn(compiled, autocast), batches, tokens)}
+    # The compile: the first training step (forward and backward graphs) against an eager one.
+    t_first = time.perf_counter()
+    systems["compiled"].run_one(record=False)
+    compile_first = time.perf_counter() - t_first + (t_first - t0)
+    t_eager = time.perf_counter()
+    systems["eager"].run_one(record=False)
+    eager_first = time.perf_counter() - t_eager
+    tt.time_all(systems, warmup=n_batches, rounds=rounds)  # every batch length seen once before timing
+
+    res = {k: s.summary() for k, s in systems.items()}
+    ratio = res["eager"]["step_s_median"] / res["compiled"]["step_s_median"]
+    out = {
+        "benchmark": "train_compile", "device": cpu_name(),
+        "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32", "batch": BATCH,
+        "attention_replaced": replaced, "systems": res,
+        "speedup_compiled_over_eager": round(ratio, 3),
+        "compile_s": round(compile_first - eager_first, 1),
+        "break_even_steps": round((compile_first - eager_first) / max(
+            res["eager"]["step_s_median"] - res["compiled"]["step_s_median"], 1e-9)),
+    }
+    table = render(out)
+    print(table)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "train_compile.json").write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / "train_compile.md").write_text(table + "\n")
+    return 0
+
+
+def render(out: dict) -> str:
+    lines = [f"Stage-2 step, demo-shaped model, batch {out['batch']}, {out['precision']}, "
+             f"{out['threads']} thread(s), {out['device']}", "",
+             "| system | step (median) | tokens / s |", "|---|---|---|"]
+    for name, r in out["systems"].items():
+        lines.append(f"| {name} | {r['step_s_median']:.3f} s | {r['tokens_per_s']:.0f} |")
+    lines += ["", f"compiled vs eager: **{out['speedup_compiled_over_eager']:.2f}x** per step; the compile took "
+              f"{out['compile_s']:.0f} s, repaid after {out['break_even_steps']} steps"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

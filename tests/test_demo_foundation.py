@@ -54,7 +54,9 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
         resolve_precision("fp16")
 
 
-def test_compile_auto_needs_a_cpp_compiler(monkeypatch):
+def test_compile_auto_needs_a_cpp_compiler_and_python_headers(monkeypatch, tmp_path):
+    import sysconfig
+
     import torch._inductor.cpp_builder as builder
 
     def no_compiler():
@@ -70,6 +72,9 @@ def test_compile_auto_needs_a_cpp_compiler(monkeypatch):
         hardware.cpp_compiler.cache_clear()
     monkeypatch.setattr(builder, "get_cpp_compiler", lambda: "g++")
     assert hardware.cpp_compiler() == "g++" and resolve_compile("auto") is True
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})  # no Python.h there
+    assert resolve_compile("auto") is False
     assert resolve_compile("off") is False
     hardware.cpp_compiler.cache_clear()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):

@@ -36,6 +36,14 @@ def cpp_compiler() -> str | None:
         return None
 
 
+def can_compile_cpu() -> bool:
+    """Whether torch.compile can build CPU kernels here: a C++ compiler and Python's C headers
+    (inductor builds its kernels as Python extension modules)."""
+    import sysconfig
+
+    return cpp_compiler() is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls on ``device`` run natively (CUDA GPUs from Ampere on, or such a CPU)."""
     if device.type == "cuda":

@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 
 from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
-from ..hardware import cpp_compiler, native_bf16_cpu
+from ..hardware import can_compile_cpu, native_bf16_cpu
 from ..instruct.annotations import Box
 from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
 from ..model.checkpoint import image_processor_dict
@@ -303,7 +303,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def resolve_compile(setting: str) -> bool:
-    """``auto`` -> compile where a C++ compiler is found (inductor builds CPU kernels with it)."""
+    """``auto`` -> compile where inductor can build CPU kernels (a C++ compiler, Python's headers)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {setting!r}")
-    return cpp_compiler() is not None if setting == "auto" else setting == "on"
+    return can_compile_cpu() if setting == "auto" else setting == "on"

@@ -79,8 +79,8 @@ class DemoConfig:
     # the lookup forms either way (seed 1: 63.1 % in bf16), and bf16 pays for Muon's time
     # (docs/demo.md). The stage-0 LM has its own setting (LMPretrainConfig.precision).
     precision: str = "auto"
-    # torch.compile of stage 2's LM (and its ablation's): auto = where a C++ compiler is found,
-    # which inductor needs for CPU kernels. A stage-2 step then ran 1.35x faster (docs/demo.md).
+    # torch.compile of stage 2's LM (and its ablation's): auto = where inductor can build CPU
+    # kernels (a C++ compiler, Python's headers). A stage-2 step then ran ~1.4x faster (docs/demo.md).
     compile: str = "auto"
     time_budget_s: float = 600.0  # issue 5's target, reported as met or not
 
@@ -99,7 +99,7 @@ class DemoConfig:
                               batch_size=16),
             stage1_steps=20, stage2_steps=480, stage2_batch=8, stage2_lr=1e-3, stage2_muon_lr=1e-3,
             recall_images=16, precision="fp32",
-            # A compile costs ~20-40 s per process, a third of the quick demo's two minutes.
+            # A compile costs ~50 s per process with an empty cache: too much of two minutes.
             compile="off", time_budget_s=120.0,
         )
         return replace(base, **kw)

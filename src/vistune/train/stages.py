@@ -170,13 +170,14 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
 
     Only the decoder: the splice of image tokens and the loss have data-dependent shapes
     that would break the graph. ``Module.compile`` keeps the module and its state-dict
-    keys, so checkpoints and the saved model are those of an uncompiled run. Compiled
-    with dynamic shapes from the start: batches vary in length, and a static first graph
-    would be compiled again as a dynamic one (on the demo's stage 2: 47 s of compiling
-    instead of 56, and 0.201 s per step instead of 0.223). On a CPU, SDPA is switched to eager attention, whose matmuls and softmax
-    inductor fuses (SDPA's CPU kernel is one opaque op to it): a stage-2 step of the demo
-    took 0.226 s instead of 0.245 s. Returns the attention implementation it replaced
-    (to restore before saving), or None.
+    keys, so checkpoints and the saved model are those of an uncompiled run.
+
+    Dynamic shapes from the start: batches vary in length, and a static first graph would
+    be compiled again as a dynamic one (the demo's stage 2: 47 s of compiling instead of
+    56, then 0.201 s per step instead of 0.223). On a CPU, SDPA gives way to eager
+    attention, whose matmuls and softmax inductor fuses, where SDPA's CPU kernel is one
+    opaque op to it (0.226 s per step instead of 0.245). Returns the attention
+    implementation it replaced (to restore before saving), or None.
     """
     lm = model.language_model
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm

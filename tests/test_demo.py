@@ -25,7 +25,7 @@ def tiny_demo(out, seed=0):
     )
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
     # Two threads: the no-stage-1 ablation trains in a second process beside stages 1 and 2.
     report = run_demo(replace(tiny_demo(tmp_path / "demo"), threads=2))
     out = tmp_path / "demo"
@@ -51,6 +51,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for run in ["stage2", "ablation-no-stage1"]:
         assert f"compile: {str(saved['compiled']).lower()}" in (out / run / "config.yaml").read_text(), run
     assert "compile: false" in (out / "stage1" / "config.yaml").read_text()
+    # ...and the user is told why stage 2's bar stands still for a while.
+    assert ("the first step takes about a minute" in capsys.readouterr().out) is saved["compiled"]
     assert len(read_metrics(out / "ablation-no-stage1" / "metrics.jsonl")) == 3  # every step of the side run
     assert set(saved["accuracy"]) == {"full", "no_stage1", "stage1_only", "text_only"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())

@@ -227,6 +227,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         with phase("stage 1: feature alignment (projector only)"):
             s1 = _train("demo-stage1.yaml", common1, out / "stage1")
         with phase("stage 2: instruction tuning (projector + LLM)"):
+            if compiled:
+                # The bar stands still while inductor compiles; say why, so it does not look hung.
+                print("   the LM is compiled (torch.compile): the first step takes about a minute", flush=True)
             s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2")
         runs = {"stage1": s1, "stage2": s2}
         if cfg.ablations:

@@ -219,3 +219,19 @@ def test_report_to_tensorboard_writes_the_losses_of_metrics_jsonl(tiny_data, tmp
     assert [e.step for e in scalars["loss"]] == [1, 2, 3]
     assert [e.value for e in scalars["loss"]] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
     assert [e.value for e in scalars["lr"]] == pytest.approx([row["lr"] for row in rows], rel=1e-6)
+
+
+def test_sharded_engines_refuse_compile_and_muon_before_the_model_is_built():
+    from accelerate.utils import DistributedType
+
+    from vistune.train.config import ConfigError, TrainConfig
+    from vistune.train.loop import check_sharding
+
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        assert check_sharding(kind, TrainConfig()) is True
+        with pytest.raises(ConfigError, match="train.compile compiles the LM in this process"):
+            check_sharding(kind, TrainConfig(compile=True))
+        with pytest.raises(ConfigError, match="train.optimizer muon needs whole matrices"):
+            check_sharding(kind, TrainConfig(optimizer="muon"))
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU):  # one process, or DDP: whole models
+        assert check_sharding(kind, TrainConfig(compile=True, optimizer="muon")) is False

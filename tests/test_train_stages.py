@@ -176,6 +176,21 @@ def test_gradient_checkpointing_recomputes_the_llm_layers_with_the_same_losses_a
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_compile_swaps_sdpa_for_eager_attention_on_a_cpu_only(tiny_data, tmp_path):
+    from vistune.train.stages import build_model, compile_decoder
+
+    cfg = tiny_config(tiny_data, tmp_path / "unused")
+    for device, replaced, attn in (("cpu", "sdpa", "eager"), ("cuda", None, "sdpa")):
+        model, _ = build_model(cfg)
+        lm = model.language_model
+        assert lm.config._attn_implementation == "sdpa"
+        # Module.compile is lazy: nothing runs on the device until the first forward.
+        assert compile_decoder(model, torch.device(device)) == replaced
+        assert lm.config._attn_implementation == attn
+        assert lm.model._compiled_call_impl is not None  # the decoder stack, not the head
+        assert lm.lm_head._compiled_call_impl is None
+
+
 def test_compile_trains_the_same_model_through_a_compiled_decoder(tiny_data, base_model_dir, tmp_path):
     from torch._dynamo.utils import counters
 

@@ -27,7 +27,7 @@ from ..hardware import native_bf16_cpu
 from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .features import AUTOCAST_DTYPES, cached_dataset
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
 from .optim import build_optimizer, build_scheduler
@@ -38,6 +38,20 @@ from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_
 
 log = logging.getLogger("vistune.train")
 
+
+
+def check_sharding(kind: DistributedType, t: TrainConfig) -> bool:
+    """Whether ``kind`` shards the model (DeepSpeed, FSDP); refuses what sharding breaks.
+
+    Called before the model is built, so a refused setting costs no loading time."""
+    sharded = kind in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded and t.compile:
+        raise ConfigError("train.compile compiles the LM in this process; DeepSpeed and FSDP wrap it in their "
+                          "own engines: leave train.compile off there")
+    if sharded and t.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "
+                          "use train.optimizer: adamw there, or DDP (configs/accelerate/ddp.yaml)")
+    return sharded
 
 class TooManyBadRecords(RuntimeError):
     """More records failed than ``train.max_bad_records`` allows; names them."""
@@ -173,6 +187,7 @@ class Trainer:
             ckpt.clean_partial(self.out)
         acc.wait_for_everyone()
 
+        self.sharded = check_sharding(acc.distributed_type, t)
         set_seed(t.seed)
         with _whole_models(acc):
             model, tok = build_model(cfg)
@@ -196,13 +211,6 @@ class Trainer:
 
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, t, total)
-        self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        if self.sharded and t.compile:
-            raise ConfigError("train.compile compiles the LM in this process; DeepSpeed and FSDP wrap it in their "
-                              "own engines: leave train.compile off there")
-        if self.sharded and t.optimizer != "adamw":
-            raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "
-                              "use train.optimizer: adamw there, or DDP (configs/accelerate/ddp.yaml)")
         if acc.distributed_type == DistributedType.DEEPSPEED:
             _fill_deepspeed_config(acc, t)
         model, optimizer = acc.prepare(model, optimizer)

@@ -54,7 +54,7 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
         resolve_precision("fp16")
 
 
-def test_compile_auto_needs_a_cpp_compiler_and_python_headers(monkeypatch, tmp_path):
+def test_compile_auto_needs_bf16_a_cpp_compiler_and_python_headers(monkeypatch, tmp_path):
     import sysconfig
 
     import torch._inductor.cpp_builder as builder
@@ -66,16 +66,18 @@ def test_compile_auto_needs_a_cpp_compiler_and_python_headers(monkeypatch, tmp_p
     monkeypatch.setattr(builder, "get_cpp_compiler", no_compiler)
     try:
         assert hardware.cpp_compiler() is None
-        assert resolve_compile("auto") is False
-        assert resolve_compile("on") is True  # asked for: inductor's own error will say what is missing
+        assert resolve_compile("auto", "bf16") is False
+        assert resolve_compile("on", "bf16") is True  # asked for: inductor's own error will say what is missing
     finally:
         hardware.cpp_compiler.cache_clear()
     monkeypatch.setattr(builder, "get_cpp_compiler", lambda: "g++")
-    assert hardware.cpp_compiler() == "g++" and resolve_compile("auto") is True
+    assert hardware.cpp_compiler() == "g++" and resolve_compile("auto", "bf16") is True
+    assert resolve_compile("auto", "fp32") is False  # an fp32 step gains nothing from it
+    assert resolve_compile("on", "fp32") is True
     paths = sysconfig.get_paths()
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})  # no Python.h there
-    assert resolve_compile("auto") is False
-    assert resolve_compile("off") is False
+    assert resolve_compile("auto", "bf16") is False
+    assert resolve_compile("off", "bf16") is False
     hardware.cpp_compiler.cache_clear()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
-        resolve_compile("yes")
+        resolve_compile("yes", "bf16")

@@ -182,6 +182,13 @@ def test_lr_warms_up_then_follows_the_cosine_and_clipping_bounds_the_update(tiny
         assert seen == pytest.approx(row["grad_norm"], rel=1e-5)  # unclipped: what was logged
 
 
+def test_constant_scheduler_holds_the_rate_after_warmup(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "c", {"train.max_steps": 6, "train.warmup_ratio": 0.34,
+                                                   "train.scheduler": "constant", "train.lr": 1e-3})
+    rows = _rows(run(cfg))
+    assert [r["lr"] for r in rows] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3], rel=1e-9, abs=1e-15)
+
+
 def test_grad_accum_equals_one_big_batch(tiny_data, tmp_path):
     # 2 micro-batches of 4 per step = 1 batch of 8: every step averages over the supervised tokens of
     # its whole window, not over micro-batch means (the records' answers differ in length).

@@ -227,3 +227,29 @@ def test_a_module_whose_rate_is_zero_stays_put_in_a_run(tiny_data, base_model_di
     b = before.state_dict()
     moved = {k.split(".")[0] for k, v in after.state_dict().items() if not torch.equal(v, b[k])}
     assert moved == {"language_model"}
+
+
+def test_lr_factor_warms_up_then_decays_or_holds():
+    f = {name: optim.lr_factor(name, 2, 6) for name in ("cosine", "linear", "constant")}
+    assert [f["constant"](k) for k in range(7)] == [0, 0.5, 1, 1, 1, 1, 1]
+    assert [f["linear"](k) for k in range(7)] == [0, 0.5, 1, 0.75, 0.5, 0.25, 0]
+    assert [f["cosine"](k) for k in range(7)] == pytest.approx([0, 0.5, 1, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                                                 0.5 * (1 + math.cos(3 * math.pi / 4)), 0], abs=1e-12)
+    with pytest.raises(ConfigError, match="train.scheduler must be cosine, linear or constant, got 'wsd'"):
+        optim.lr_factor("wsd", 2, 6)
+
+
+def test_building_a_scheduler_imports_neither_peft_nor_bitsandbytes():
+    # transformers' scheduler module pulls in peft and, through it, bitsandbytes, which warns on
+    # AVX512-BF16 CPUs that it cannot fetch a kernel: noise in every run that uses neither.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from vistune.train.config import TrainConfig\n"
+            "from vistune.train.optim import build_scheduler\n"
+            "opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)\n"
+            "build_scheduler(opt, TrainConfig(), 10)\n"
+            "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

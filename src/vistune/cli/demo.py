@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="of vision pretraining and stages 1 and 2 (default: auto, bf16 where the CPU has it "
                         "natively; --quick: fp32)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
-                   help="torch.compile stage 2's LM (default: auto, where a C++ compiler and Python's "
-                        "headers are found; --quick: off)")
+                   help="torch.compile stage 2's LM (default: auto, in bf16 where a C++ compiler and "
+                        "Python's headers are found; --quick: off)")
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
                    help="stage-2 steps (default: 1200 where bf16 matmuls are native, else 300; --quick: 480); "
                         "more steps buy accuracy with time, the no-stage-1 ablation takes as many")

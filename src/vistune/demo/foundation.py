@@ -302,8 +302,11 @@ def resolve_precision(precision: str) -> str:
     return ("bf16" if native_bf16_cpu() else "fp32") if precision == "auto" else precision
 
 
-def resolve_compile(setting: str) -> bool:
-    """``auto`` -> compile where inductor can build CPU kernels (a C++ compiler, Python's headers)."""
+def resolve_compile(setting: str, precision: str) -> bool:
+    """``auto`` -> compile a bf16 run where inductor can build CPU kernels (a C++ compiler,
+    Python's headers). Only bf16: a demo-shaped fp32 step ran no faster compiled (0.99x at one
+    thread, `benchmarks/train_compile.py --precision fp32`), so there the compile's ~45 s
+    would be lost."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {setting!r}")
-    return can_compile_cpu() if setting == "auto" else setting == "on"
+    return precision == "bf16" and can_compile_cpu() if setting == "auto" else setting == "on"

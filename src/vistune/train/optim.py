@@ -163,15 +163,32 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return MuonAdamW(muon_groups, adamw_groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """``train.scheduler`` with ``train.warmup_ratio`` of ``total_steps`` as linear warmup.
 
     It scales every parameter group's own rate (the per-module rates, Muon's too) by
     the same factor: 0 -> 1 over the warmup steps, then cosine / linear decay to 0 at
-    ``total_steps`` (or constant).
+    ``total_steps`` (or constant). These are transformers' schedules, in torch's own
+    LambdaLR: importing transformers' scheduler module imports peft, and through it
+    bitsandbytes, which warns on every AVX512-BF16 CPU that it cannot fetch a kernel
+    from the Hub, in runs that use neither.
     """
-    from transformers import get_scheduler
-
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.scheduler, warmup, total_steps))
+
+
+def lr_factor(name: str, warmup: int, total_steps: int) -> Callable[[int], float]:
+    """The factor on each group's rate at a step (0-based) of ``name``'s schedule."""
+    if name not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.scheduler must be cosine, linear or constant, got {name!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress) if name == "linear" else max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor

@@ -39,7 +39,6 @@ from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_
 log = logging.getLogger("vistune.train")
 
 
-
 def check_sharding(kind: DistributedType, t: TrainConfig) -> bool:
     """Whether ``kind`` shards the model (DeepSpeed, FSDP); refuses what sharding breaks.
 
@@ -52,6 +51,7 @@ def check_sharding(kind: DistributedType, t: TrainConfig) -> bool:
         raise ConfigError(f"train.optimizer {t.optimizer} needs whole matrices, which DeepSpeed and FSDP shard: "
                           "use train.optimizer: adamw there, or DDP (configs/accelerate/ddp.yaml)")
     return sharded
+
 
 class TooManyBadRecords(RuntimeError):
     """More records failed than ``train.max_bad_records`` allows; names them."""

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..hardware import fast_bf16
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import SCHEDULERS, ConfigError, RunConfig, TrainConfig
 from .stages import param_groups
 
 
@@ -180,8 +180,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
 
 def lr_factor(name: str, warmup: int, total_steps: int) -> Callable[[int], float]:
     """The factor on each group's rate at a step (0-based) of ``name``'s schedule."""
-    if name not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"train.scheduler must be cosine, linear or constant, got {name!r}")
+    if name not in SCHEDULERS:  # the config check's own list and words: an unknown name must not fall to cosine
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -63,6 +63,8 @@ def test_inline_model_configs_and_nested_overrides(tmp_path):
     (["train.projector=frozen", "train.llm=frozen"], r"nothing would learn"),
     (["data.feature_cache=auto", "train.vision=full"], r"data.feature_cache needs a frozen vision tower"),
     (["train.batch_size=0"], r"train.batch_size must be >= 1"),
+    (["train.decay_ratio=0"], r"train.decay_ratio must be in \(0, 1\]"),
+    (["train.warmup_ratio=0.5", "train.decay_ratio=0.6"], r"leave room for the warmup"),
     (["lora.bits=3"], r"lora.bits must be 4, 8 or 16"),
     (["train.report_to=[mlflow]"], r"unknown tracker 'mlflow'"),
     (["train"], r"override 'train' is not key=value"),

@@ -182,11 +182,15 @@ def test_lr_warms_up_then_follows_the_cosine_and_clipping_bounds_the_update(tiny
         assert seen == pytest.approx(row["grad_norm"], rel=1e-5)  # unclipped: what was logged
 
 
-def test_constant_scheduler_holds_the_rate_after_warmup(tiny_data, tmp_path):
+@pytest.mark.parametrize("scheduler,after_warmup", [("constant", [1, 1, 1]), ("wsd", [1, 2 / 3, 1 / 3])])
+def test_constant_and_wsd_schedulers_hold_the_rate_after_warmup(tiny_data, tmp_path, scheduler, after_warmup):
+    # wsd with decay_ratio 0.5 of 6 steps: the last 3 steps fall linearly towards 0
     cfg = tiny_config(tiny_data, tmp_path / "c", {"train.max_steps": 6, "train.warmup_ratio": 0.34,
-                                                   "train.scheduler": "constant", "train.lr": 1e-3})
+                                                   "train.scheduler": scheduler, "train.decay_ratio": 0.5,
+                                                   "train.lr": 1e-3})
     rows = _rows(run(cfg))
-    assert [r["lr"] for r in rows] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3], rel=1e-9, abs=1e-15)
+    expected = [0, 1 / 3, 2 / 3] + after_warmup
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in expected], rel=1e-9, abs=1e-15)
 
 
 def test_grad_accum_equals_one_big_batch(tiny_data, tmp_path):

@@ -235,8 +235,10 @@ def test_lr_factor_warms_up_then_decays_or_holds():
     assert [f["linear"](k) for k in range(7)] == [0, 0.5, 1, 0.75, 0.5, 0.25, 0]
     assert [f["cosine"](k) for k in range(7)] == pytest.approx([0, 0.5, 1, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
                                                                  0.5 * (1 + math.cos(3 * math.pi / 4)), 0], abs=1e-12)
-    with pytest.raises(ConfigError, match="train.scheduler must be one of cosine, linear, constant, got 'wsd'"):
-        optim.lr_factor("wsd", 2, 6)
+    # wsd: the peak until the last `decay` steps, then linearly to 0
+    assert [optim.lr_factor("wsd", 2, 10, 4)(k) for k in range(11)] == [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+    with pytest.raises(ConfigError, match="train.scheduler must be one of cosine, linear, constant, wsd, got 'step'"):
+        optim.lr_factor("step", 2, 6)
 
 
 def test_building_a_scheduler_imports_neither_peft_nor_bitsandbytes():

@@ -23,7 +23,7 @@ from ..files import atomic_write_text
 
 MODULE_MODES = ("frozen", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -82,6 +82,9 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
+    # wsd (warmup-stable-decay): the peak rate until the last decay_ratio of the steps, then linear to 0.
+    # A rate held high lets late-forming circuits form; the short decay still anneals (docs/demo.md).
+    decay_ratio: float = 0.2
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | muon (Muon on the linear layers' matrices, AdamW on the rest)
     muon_lr: float | None = None  # rate of the matrices Muon updates; default: their module's rate
@@ -377,6 +380,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.save_every must be >= 0, got {t.save_every}")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if not 0 < t.decay_ratio <= 1 or t.warmup_ratio + t.decay_ratio > 1:
+        raise ConfigError(f"train.decay_ratio must be in (0, 1] and leave room for the warmup "
+                          f"(warmup_ratio {t.warmup_ratio} + decay_ratio {t.decay_ratio} > 1)")
     if t.max_bad_records < 0:
         raise ConfigError(f"train.max_bad_records must be >= 0, got {t.max_bad_records}")
     for key in ("lr", "vision_lr", "projector_lr", "llm_lr", "muon_lr"):

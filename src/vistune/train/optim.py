@@ -169,17 +169,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
 
     It scales every parameter group's own rate (the per-module rates, Muon's too) by
     the same factor: 0 -> 1 over the warmup steps, then cosine / linear decay to 0 at
-    ``total_steps`` (or constant). These are transformers' schedules, in torch's own
+    ``total_steps``, constant, or wsd: constant until the last ``train.decay_ratio`` of
+    the steps, then linear to 0 (transformers' warmup_stable_decay with a linear decay).
+    These are transformers' schedules, in torch's own
     LambdaLR: importing transformers' scheduler module imports peft, and through it
     bitsandbytes, which warns on every AVX512-BF16 CPU that it cannot fetch a kernel
     from the Hub, in runs that use neither.
     """
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.scheduler, warmup, total_steps))
+    decay = math.ceil(t.decay_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.scheduler, warmup, total_steps, decay))
 
 
-def lr_factor(name: str, warmup: int, total_steps: int) -> Callable[[int], float]:
-    """The factor on each group's rate at a step (0-based) of ``name``'s schedule."""
+def lr_factor(name: str, warmup: int, total_steps: int, decay: int = 0) -> Callable[[int], float]:
+    """The factor on each group's rate at a step (0-based) of ``name``'s schedule; ``decay``
+    is wsd's number of final steps over which the rate falls linearly to 0."""
     if name not in SCHEDULERS:  # the config check's own list and words: an unknown name must not fall to cosine
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
@@ -188,6 +192,8 @@ def lr_factor(name: str, warmup: int, total_steps: int) -> Callable[[int], float
             return step / max(1, warmup)
         if name == "constant":
             return 1.0
+        if name == "wsd":
+            return min(1.0, max(0.0, (total_steps - step) / max(1, decay)))
         progress = (step - warmup) / max(1, total_steps - warmup)
         return max(0.0, 1.0 - progress) if name == "linear" else max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 

@@ -64,7 +64,7 @@ def test_inline_model_configs_and_nested_overrides(tmp_path):
     (["data.feature_cache=auto", "train.vision=full"], r"data.feature_cache needs a frozen vision tower"),
     (["train.batch_size=0"], r"train.batch_size must be >= 1"),
     (["train.decay_ratio=0"], r"train.decay_ratio must be in \(0, 1\]"),
-    (["train.warmup_ratio=0.5", "train.decay_ratio=0.6"], r"leave room for the warmup"),
+    (["train.scheduler=wsd", "train.warmup_ratio=0.5", "train.decay_ratio=0.6"], r"leaves no room for the warmup"),
     (["lora.bits=3"], r"lora.bits must be 4, 8 or 16"),
     (["train.report_to=[mlflow]"], r"unknown tracker 'mlflow'"),
     (["train"], r"override 'train' is not key=value"),
@@ -72,6 +72,12 @@ def test_inline_model_configs_and_nested_overrides(tmp_path):
 def test_bad_configs_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(write(tmp_path, BASE), override)
+
+
+def test_decay_ratio_limits_the_warmup_only_under_wsd(tmp_path):
+    # a long warmup stays valid for the other schedules, which have no stable phase to fit in
+    cfg = load_run_config(write(tmp_path, BASE), ["train.scheduler=cosine", "train.warmup_ratio=0.9"])
+    assert (cfg.train.warmup_ratio, cfg.train.decay_ratio) == (0.9, 0.2)
 
 
 def test_parse_override_values():

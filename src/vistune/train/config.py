@@ -380,9 +380,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.save_every must be >= 0, got {t.save_every}")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    if not 0 < t.decay_ratio <= 1 or t.warmup_ratio + t.decay_ratio > 1:
-        raise ConfigError(f"train.decay_ratio must be in (0, 1] and leave room for the warmup "
-                          f"(warmup_ratio {t.warmup_ratio} + decay_ratio {t.decay_ratio} > 1)")
+    if not 0 < t.decay_ratio <= 1:
+        raise ConfigError(f"train.decay_ratio must be in (0, 1], got {t.decay_ratio}")
+    if t.scheduler == "wsd" and t.warmup_ratio + t.decay_ratio > 1:
+        raise ConfigError(f"train.decay_ratio {t.decay_ratio} leaves no room for the warmup "
+                          f"(warmup_ratio {t.warmup_ratio}): their sum must be <= 1 with the wsd scheduler")
     if t.max_bad_records < 0:
         raise ConfigError(f"train.max_bad_records must be >= 0, got {t.max_bad_records}")
     for key in ("lr", "vision_lr", "projector_lr", "llm_lr", "muon_lr"):

@@ -171,9 +171,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
     the same factor: 0 -> 1 over the warmup steps, then cosine / linear decay to 0 at
     ``total_steps``, constant, or wsd: constant until the last ``train.decay_ratio`` of
     the steps, then linear to 0 (the shape of transformers' warmup_stable_decay with a
-    linear decay).
-    These are transformers' schedules, in torch's own
-    LambdaLR: importing transformers' scheduler module imports peft, and through it
+    linear decay). These are transformers' schedules, in torch's own LambdaLR:
+    importing transformers' scheduler module imports peft, and through it
     bitsandbytes, which warns on every AVX512-BF16 CPU that it cannot fetch a kernel
     from the Hub, in runs that use neither.
     """

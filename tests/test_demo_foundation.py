@@ -81,3 +81,23 @@ def test_compile_auto_needs_bf16_a_cpp_compiler_and_python_headers(monkeypatch, 
     hardware.cpp_compiler.cache_clear()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
         resolve_compile("yes", "bf16")
+
+
+@pytest.mark.parametrize("std", [0.02, 0.2])
+def test_lm_embeddings_start_at_the_configured_scale(tmp_path, std):
+    from safetensors.torch import load_file
+
+    from vistune.demo.foundation import LMPretrainConfig, pretrain_language_model
+    from vistune.text.tokenizer import train_bpe_tokenizer
+
+    texts = ["a small red circle on the left", "a large blue square at the top"] * 20
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    cfg = LMPretrainConfig(hidden_size=64, layers=1, heads=2, kv_heads=2, intermediate_size=128, steps=0,
+                           batch_size=2, seq_len=8, embed_std=std)
+    out = pretrain_language_model(texts, tok, tmp_path / "llm", cfg)
+    emb = next(v for k, v in load_file(out / "model.safetensors").items() if k.endswith("embed_tokens.weight"))
+    norms = emb.float().norm(dim=-1)
+    # No training steps: the rows are the initialisation, std * sqrt(width) long; padding stays zero.
+    assert norms[tok.pad_token_id] == 0
+    others = torch.cat([norms[:tok.pad_token_id], norms[tok.pad_token_id + 1:]])
+    assert others.mean().item() == pytest.approx(std * 64 ** 0.5, rel=0.1)

@@ -2,12 +2,15 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vistune import hardware
 from vistune.demo import foundation
-from vistune.demo.foundation import hard_negative, region_weights, resolve_compile, resolve_precision, scene_caption
+from vistune.demo.foundation import (LMPretrainConfig, hard_negative, pretrain_language_model, region_weights,
+                                     resolve_compile, resolve_precision, scene_caption)
 from vistune.instruct.annotations import Box
 from vistune.instruct.synth import WorldConfig, sample_scene
+from vistune.text.tokenizer import train_bpe_tokenizer
 
 
 def box(color, shape, size, x1, y1, side):
@@ -85,11 +88,6 @@ def test_compile_auto_needs_bf16_a_cpp_compiler_and_python_headers(monkeypatch, 
 
 @pytest.mark.parametrize("std", [0.02, 0.2])
 def test_lm_embeddings_start_at_the_configured_scale(tmp_path, std):
-    from safetensors.torch import load_file
-
-    from vistune.demo.foundation import LMPretrainConfig, pretrain_language_model
-    from vistune.text.tokenizer import train_bpe_tokenizer
-
     texts = ["a small red circle on the left", "a large blue square at the top"] * 20
     tok = train_bpe_tokenizer(texts, vocab_size=300)
     cfg = LMPretrainConfig(hidden_size=64, layers=1, heads=2, kv_heads=2, intermediate_size=128, steps=0,

@@ -125,7 +125,8 @@ def _two_steps(opt_cls, params, grads, **kw):
 
 def test_muon_equals_torchs_where_bf16_is_native_and_runs_fp32_where_it_is_not(monkeypatch):
     torch.manual_seed(0)
-    params = [torch.randn(24, 8), torch.randn(8, 24), torch.randn(16, 16)]
+    # Matrices of one shape are orthogonalised as one stack: still torch's rule, matrix by matrix.
+    params = [torch.randn(24, 8), torch.randn(8, 24), torch.randn(16, 16), torch.randn(16, 16), torch.randn(24, 8)]
     grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
     reference, ref_opt = _two_steps(torch.optim.Muon, params, grads, adjust_lr_fn="match_rms_adamw")
 
@@ -162,6 +163,17 @@ def test_orthogonalize_flattens_the_spectrum_of_wide_and_tall_matrices():
         # the quintic iteration aims at ~1 for every direction, not exactly 1 (torch's docstring)
         assert s.min() > 0.3 and s.max() < 1.3, s
         assert torch.linalg.svdvals(g).min() < 0.011
+
+
+def test_orthogonalize_of_a_stack_is_each_matrix_orthogonalised_alone():
+    torch.manual_seed(0)
+    for shape in [(3, 16, 48), (2, 48, 16)]:
+        g = torch.randn(shape)
+        g[1] *= 100.0  # each matrix is normalised by its own norm, not the stack's
+        stacked = orthogonalize(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+        for i in range(shape[0]):
+            alone = orthogonalize(g[i], (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+            torch.testing.assert_close(stacked[i], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_muon_refuses_another_rate_scaling():

@@ -5,7 +5,7 @@ from conftest import make_model, noise_image
 from vistune.data.collate import PadCollator
 from vistune.data.images import preprocess
 from vistune.model.projector import build_projector
-from vistune.model.vlm import IGNORE_INDEX, ImageTokenMismatch, causal_lm_loss
+from vistune.model.vlm import IGNORE_INDEX, ImageTokenMismatch, causal_lm_loss, causal_training_mask
 from vistune.text.encode import encode_conversation
 
 
@@ -107,6 +107,42 @@ def test_fast_loss_equals_full_logits_loss(tiny_model):
     ref, n = causal_lm_loss(full.logits, b["labels"])
     assert fast.num_supervised == n > 0
     torch.testing.assert_close(fast.loss, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_right_padded_training_batch_gets_the_padding_masks_loss_and_gradients(tiny_model, impl):
+    # The loss path drops the padding from the mask (causal alone): same loss, same gradients.
+    model, tok = tiny_model
+    model.language_model.set_attn_implementation(impl)
+    b = PadCollator(tok.pad_token_id)([sample(model, tok, "<image>\nWhat color is the circle?", 1),
+                                        sample(model, tok, "Q?", 0, reply="Yes.")])
+    assert (b["attention_mask"] == 0).any()
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for labels in (b["labels"], None):
+        model.zero_grad()
+        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=labels)
+        loss = out.loss if labels is not None else causal_lm_loss(out.logits, b["labels"])[0]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params if p.grad is not None]))
+    (fast, g_fast), (full, g_full) = results
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert len(g_fast) == len(g_full) > 0
+    for a, c in zip(g_fast, g_full):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_causal_training_mask_only_replaces_right_padding_for_eager_and_sdpa():
+    right = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    eager = causal_training_mask(right, "eager", torch.float32)
+    assert eager.shape == (1, 1, 3, 3)
+    blocked = torch.finfo(torch.float32).min
+    assert eager[0, 0].tolist() == [[0.0, blocked, blocked], [0.0, 0.0, blocked], [0.0, 0.0, 0.0]]
+    assert causal_training_mask(right, "sdpa", torch.float32) is None  # SDPA's causal kernel
+    left = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert causal_training_mask(left, "eager", torch.float32) is left
+    assert causal_training_mask(right, "flash_attention_2", torch.float32) is right
+    assert causal_training_mask(None, "eager", torch.float32) is None
 
 
 def test_vision_tower_frozen_forward_has_no_grad(tiny_model):

@@ -24,7 +24,7 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory
-from ..hardware import fast_bf16
+from ..hardware import fast_bf16, keep_freed_memory
 from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -158,6 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every phase; returns the report dict (also written to OUT/report.json)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # stage 0 and the evaluation too, not only the training runs
     precision = resolve_precision(cfg.precision)
     compiled = resolve_compile(cfg.compile, precision)
     steps2 = cfg.stage2_steps or default_stage2_steps()

@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType
 from .. import __version__
 from ..data.dataset import VLDataset, text_settings_for
 from ..files import replace_directory, temp_path, write_jsonl
-from ..hardware import native_bf16_cpu
+from ..hardware import keep_freed_memory, native_bf16_cpu
 from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
@@ -142,6 +142,8 @@ class Trainer:
         )
         if acc.device.type == "cpu" and acc.mixed_precision == "fp16":
             raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
+        if acc.device.type == "cpu":
+            keep_freed_memory()  # each step allocates the same activations again (hardware.py)
         if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and not native_bf16_cpu():
             log.warning("train.precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and "
                         "runs several times slower than fp32")

@@ -1,0 +1,37 @@
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from vistune.hardware import keep_freed_memory
+
+# malloc(16 MiB), then mallinfo2's bytes in mmapped blocks (hblkhd), in a fresh process: with glibc's
+# defaults such a block is mmapped (and unmapped again when freed); after keep_freed_memory it is not.
+_PROBE = """
+import ctypes, sys
+from vistune.hardware import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(16 << 20)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(ctypes.c_void_p(p))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap_it_keeps():
+    def mmapped(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert mmapped("default") >= 16 << 20
+    assert mmapped("keep") == 0
+    assert keep_freed_memory() is True

@@ -115,7 +115,7 @@ def test_stage2_steps_follow_what_the_machine_computes_fast(monkeypatch):
     import vistune.demo.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "fast_bf16", lambda device: True)
-    assert pipeline.default_stage2_steps() == 1200
+    assert pipeline.default_stage2_steps() == 1800
     monkeypatch.setattr(pipeline, "fast_bf16", lambda device: False)
     assert pipeline.default_stage2_steps() == 300
     assert DemoConfig().stage2_steps is None and DemoConfig.quick().stage2_steps == 480

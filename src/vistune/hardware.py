@@ -63,7 +63,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc hands large blocks back to the OS when they are freed, and a training
     step that allocates the same activations again page-faults every page of them in anew:
-    the demo's stage-2 step spent ~5 % of its time so (0.249 -> 0.235 s, docs/demo.md). The
+    the demo's stage-2 step spent 5-9 % of its time so (0.249 -> 0.226-0.235 s, docs/demo.md). The
     effect is the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment,
     for this process, from now on; memory the process already holds stays with it instead of
     going back to the OS. Returns whether it applied (not on other C libraries).

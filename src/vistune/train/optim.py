@@ -79,7 +79,7 @@ class Muon(torch.optim.Muon):
             lr, momentum = group["lr"], group["momentum"]
             # Matrices of one shape are orthogonalised together, as one stack: a small model has
             # dozens of them (q, k, v, o, the MLP's per layer), and one batched matmul per
-            # iteration costs less than one per matrix (the demo's Muon step: 32 -> 12 ms, docs/demo.md).
+            # iteration costs less than one per matrix (the demo's Muon step: 32 -> 26 ms, docs/demo.md).
             by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:

@@ -139,19 +139,29 @@ def main() -> int:
     table = render(out)
     print(table)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        name = "train_compile" if args.precision == "auto" else f"train_compile-{args.precision}"
-        (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-        (RESULTS / f"{name}.md").write_text(table + "\n")
+        save_results("train_compile" if args.precision == "auto" else f"train_compile-{args.precision}", out, table)
     return 0
 
 
-def render(out: dict) -> str:
-    lines = [f"Stage-2 step, demo-shaped model, batch {out['batch']}, {out['precision']}, "
+def save_results(name: str, out: dict, table: str) -> None:
+    """results/NAME.json and results/NAME.md."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+
+
+def systems_table(title: str, out: dict) -> list[str]:
+    """The header line and the per-system table of a demo-shaped step benchmark, as Markdown lines."""
+    lines = [f"{title}, demo-shaped model, batch {out['batch']}, {out['precision']}, "
              f"{out['threads']} thread(s), {out['device']}", "",
              "| system | step (median) | tokens / s |", "|---|---|---|"]
     for name, r in out["systems"].items():
         lines.append(f"| {name} | {r['step_s_median']:.3f} s | {r['tokens_per_s']:.0f} |")
+    return lines
+
+
+def render(out: dict) -> str:
+    lines = systems_table("Stage-2 step", out)
     lines += ["", f"compiled vs eager: **{out['speedup_compiled_over_eager']:.2f}x** per step; the compile took "
               f"{out['compile_s']:.0f} s, " + (f"repaid after {out['break_even_steps']} steps"
                                                if out["break_even_steps"] is not None else "never repaid")]

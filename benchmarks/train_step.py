@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -35,32 +33,15 @@ import train_throughput as tt  # noqa: E402
 
 from vistune.hardware import fast_bf16, keep_freed_memory  # noqa: E402
 from vistune.model import vlm  # noqa: E402
-from vistune.train.optim import Muon, MuonAdamW, muon_matrices, orthogonalize  # noqa: E402
+from vistune.train.optim import Muon, MuonAdamW, muon_matrices  # noqa: E402
 from vistune.train.stages import compile_decoder  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class MatrixByMatrixMuon(Muon):
     """vistune's Muon before the stacks: one Newton-Schulz iteration per matrix (the baseline)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = torch.bfloat16 if fast_bf16(p.device) else torch.float32
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * (0.2 * math.sqrt(max(p.shape))))
+    def _stack_key(self, p: torch.Tensor) -> tuple:
+        return (id(p),)  # every matrix a stack of its own
 
 
 def muon_adamw(model, muon_cls) -> MuonAdamW:
@@ -135,18 +116,12 @@ def main() -> int:
     table = render(out)
     print(table)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "train_step.json").write_text(json.dumps(out, indent=2) + "\n")
-        (RESULTS / "train_step.md").write_text(table + "\n")
+        tc.save_results("train_step", out, table)
     return 0
 
 
 def render(out: dict) -> str:
-    lines = [f"Compiled stage-2 step with Muon, demo-shaped model, batch {out['batch']}, {out['precision']}, "
-             f"{out['threads']} thread(s), {out['device']}", "",
-             "| system | step (median) | tokens / s |", "|---|---|---|"]
-    for name, r in out["systems"].items():
-        lines.append(f"| {name} | {r['step_s_median']:.3f} s | {r['tokens_per_s']:.0f} |")
+    lines = tc.systems_table("Compiled stage-2 step with Muon", out)
     same = "the same losses" if out["same_losses"] else "**different losses**"
     lines += ["", f"vistune vs before: **{out['speedup_over_before']:.2f}x** per step, "
               f"{same} over {out['steps_compared']} steps"]

@@ -90,8 +90,9 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, update))
-            for (shape, _, device), items in by_shape.items():
+                by_shape.setdefault(self._stack_key(p), []).append((p, update))
+            for items in by_shape.values():
+                shape, device = items[0][0].shape, items[0][0].device
                 dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
                 stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1]
                 ortho = orthogonalize(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
@@ -100,6 +101,10 @@ class Muon(torch.optim.Muon):
                     # match_rms_adamw: the update's RMS becomes an AdamW update's, so rates carry over.
                     p.add_(ortho[i] if len(items) > 1 else ortho, alpha=-lr * (0.2 * math.sqrt(max(shape))))
         return loss
+
+    def _stack_key(self, p: torch.Tensor) -> tuple:
+        """Parameters with equal keys are orthogonalised as one stack."""
+        return tuple(p.shape), p.dtype, p.device
 
 
 class MuonAdamW(torch.optim.Optimizer):

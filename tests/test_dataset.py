@@ -74,3 +74,32 @@ def test_validate_reports_everything(tmp_path, capsys):
     good.write_text(p.read_text().splitlines()[0] + "\n")
     assert main(["data", "validate", str(good), "--images", str(tmp_path / "img")]) == 0
     assert main(["data", "validate", str(good), "--template", "vicuna"]) == 1
+
+
+def test_cache_tokens_encodes_each_record_once_and_keeps_no_bad_one(tiny_model, tmp_path, monkeypatch):
+    import vistune.data.dataset as dataset_mod
+
+    model, tok = tiny_model
+    p = write_data(tmp_path)
+    with open(p, "a") as f:  # record 7: longer than the context, which only encoding finds out
+        f.write(json.dumps({"id": "long", "conversations": [
+            {"from": "human", "value": "word " * 5000}, {"from": "gpt", "value": "A"}]}) + "\n")
+    text = text_settings_for(model.config, tok)
+    plain = VLDataset(p, text, tmp_path / "img", model.config.image)
+    expected = [plain[i] for i in (0, 1)]
+    calls = []
+    real = dataset_mod.encode_conversation
+    monkeypatch.setattr(dataset_mod, "encode_conversation", lambda *a, **k: calls.append(k["record_id"]) or real(*a, **k))
+    ds = VLDataset(p, text, tmp_path / "img", model.config.image, cache_tokens=True)
+    for _epoch in range(3):
+        for i, want in zip((0, 1), expected):
+            got = ds[i]
+            assert got["id"] == want["id"] and torch.equal(got["input_ids"], want["input_ids"])
+            assert torch.equal(got["labels"], want["labels"])
+        assert torch.equal(ds[0]["pixel_values"], expected[0]["pixel_values"])  # images are still read
+        with pytest.raises(SampleError, match="record 'long'"):
+            ds[7]
+        with pytest.raises(SampleError, match="record 'missing'.*image not found"):
+            ds[2]
+    # encoded once each; the record too long is tried again every epoch, never kept
+    assert calls.count("ok1") == 1 and calls.count("txt") == 1 and calls.count("long") == 3

@@ -147,3 +147,12 @@ def test_fingerprint_covers_convolutional_towers_and_their_0_dim_buffers():
     assert _hash_tensors(net) == before
     next(b for n, b in net.named_buffers() if n.endswith("num_batches_tracked")).add_(1)
     assert _hash_tensors(net) != before
+
+
+def test_cache_tokens_trains_on_the_same_numbers_over_epochs(tiny_data, base_model_dir, tmp_path):
+    data = subset(tiny_data["instruct"], tmp_path / "d.jsonl", 8)
+    common = {"model": {"from": str(base_model_dir)}, "data.train": str(data), "train.epochs": 3,
+              "data.feature_cache": "auto"}
+    plain = run(tiny_config(tiny_data, tmp_path / "plain", common))
+    kept = run(tiny_config(tiny_data, tmp_path / "kept", {**common, "data.cache_tokens": True}))
+    assert len(losses(kept)) == 6 and losses(kept) == losses(plain)

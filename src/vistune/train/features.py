@@ -32,7 +32,6 @@ from ..data.images import ImageError, load_pixels, resolve_image_path
 from ..data.records import RecordError, RecordFile
 from ..files import atomic_directory
 from ..model.vlm import VisionLanguageModel
-from ..text.encode import EncodingError, encode_conversation
 from .config import ConfigError, RunConfig
 
 log = logging.getLogger("vistune.train")
@@ -147,29 +146,22 @@ def read_index(path: str | os.PathLike) -> dict | None:
 class FeatureDataset(VLDataset):
     """VLDataset that reads the tower's features from the cache instead of opening images."""
 
-    def __init__(self, records: RecordFile, text: TextSettings, cache: FeatureCache, image_config):
-        super().__init__(records, text, None, image_config)
+    def __init__(self, records: RecordFile, text: TextSettings, cache: FeatureCache, image_config,
+                 cache_tokens: bool = False):
+        super().__init__(records, text, None, image_config, cache_tokens=cache_tokens)
         self.cache = cache
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.record(i)
         if i in self.cache.bad:
-            raise SampleError(rec.id, self.cache.bad[i])
-        try:
-            enc = encode_conversation(
-                self.text.tokenizer, self.text.template, rec.conversations,
-                image_token_id=self.text.image_token_id, num_image_tokens=self.text.num_image_tokens,
-                max_length=self.text.max_length, record_id=rec.id, system=self.text.system,
-            )
-        except EncodingError as e:
-            raise SampleError(rec.id, e.reason) from None
+            raise SampleError(self.record(i).id, self.cache.bad[i])
+        t = self.tokens(i)
         return {
-            "id": rec.id, "index": i,
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "id": t.id, "index": i,
+            "input_ids": t.input_ids,
+            "labels": t.labels,
             "pixel_values": None,
-            "vision_features": self.cache.get(i) if rec.images else None,
-            "image_paths": rec.images,
+            "vision_features": self.cache.get(i) if t.images else None,
+            "image_paths": t.images,
         }
 
 
@@ -291,7 +283,8 @@ def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSetting
                                  dtype=storage_dtype(model, acc.mixed_precision))
         log.info("feature cache: %s (%s)", path, "reused" if reused else "built")
     acc.wait_for_everyone()
-    return FeatureDataset(RecordFile(cfg.data.train), text, FeatureCache(path), model.config.image)
+    return FeatureDataset(RecordFile(cfg.data.train), text, FeatureCache(path), model.config.image,
+                          cache_tokens=cfg.data.cache_tokens)
 
 
 def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = None) -> dict:

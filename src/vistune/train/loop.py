@@ -164,7 +164,7 @@ class Trainer:
         text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system)
         if d.feature_cache is not None:
             return cached_dataset(self.cfg, model, text, acc)
-        return VLDataset(d.train, text, d.images, model.config.image)
+        return VLDataset(d.train, text, d.images, model.config.image, cache_tokens=d.cache_tokens)
 
     def _resume_path(self) -> Path | None:
         if self.resume in (None, "", "none", False):

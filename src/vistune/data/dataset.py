@@ -38,7 +38,9 @@ class TextSettings:
 
 
 @dataclass(frozen=True)
-class _Tokens:
+class EncodedRecord:
+    """A record as training reads it, before any image is opened."""
+
     id: str
     images: list[str]
     input_ids: torch.Tensor
@@ -67,7 +69,7 @@ class VLDataset(Dataset):
         self.image_config = image_config
         # Encoding a record (parse, template, tokenizer) costs ~1 ms; a small set trained for many
         # epochs (the demo's stage 2: ten) pays it again each epoch, ~3 % of a CPU step.
-        self._tokens: dict[int, _Tokens] | None = {} if cache_tokens else None
+        self._tokens: dict[int, EncodedRecord] | None = {} if cache_tokens else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -78,7 +80,7 @@ class VLDataset(Dataset):
         except RecordError as e:
             raise SampleError(e.record_id, e.reason) from None
 
-    def tokens(self, i: int) -> _Tokens:
+    def tokens(self, i: int) -> EncodedRecord:
         """Record ``i`` encoded: its id, image paths, input ids and labels.
 
         With ``cache_tokens``, kept after the first time (the collators copy them into
@@ -96,7 +98,7 @@ class VLDataset(Dataset):
             )
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
-        out = _Tokens(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
+        out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
                       torch.tensor(enc.labels, dtype=torch.long))
         if self._tokens is not None:
             self._tokens[i] = out

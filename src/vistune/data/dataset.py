@@ -99,7 +99,7 @@ class VLDataset(Dataset):
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
         out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
-                      torch.tensor(enc.labels, dtype=torch.long))
+                            torch.tensor(enc.labels, dtype=torch.long))
         if self._tokens is not None:
             self._tokens[i] = out
         return out

@@ -64,8 +64,8 @@ class DataConfig:
     packing: bool = False  # several samples per row, no attention across them
     pack_length: int | None = None  # tokens per packed row; default max_length
     feature_cache: str | None = None  # folder of cached vision features, or "auto" (OUTPUT_DIR/feature_cache)
-    # Keep each sample's token ids in memory after its first epoch (small sets, many epochs; each
-    # DataLoader worker keeps its own, so only persistent workers reuse them).
+    # Keep each sample's token ids in memory after its first epoch (small sets, many epochs). Kept in
+    # the process that encodes: with data.num_workers > 0, each epoch's fresh workers start empty.
     cache_tokens: bool = False
 
 

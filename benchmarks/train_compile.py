@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402  (its tokenizer, samples and round-robin timer)
 
 from vistune.data.collate import PadCollator  # noqa: E402
-from vistune.hardware import fast_bf16  # noqa: E402
+from vistune.hardware import cpu_name, fast_bf16  # noqa: E402
 from vistune.model.build import build_vlm  # noqa: E402
 from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E402
 from vistune.train.stages import compile_decoder  # noqa: E402
@@ -68,16 +68,6 @@ def cached_batches(model, tok, n: int) -> list[dict]:
         out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
                     "vision_features": feats})
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_compile as tc  # noqa: E402  (its demo-shaped model, cached batches, CPU name; sets the inductor cache)
 import train_throughput as tt  # noqa: E402
 
-from vistune.hardware import fast_bf16, keep_freed_memory  # noqa: E402
+from vistune.hardware import cpu_name, fast_bf16, keep_freed_memory  # noqa: E402
 from vistune.model import vlm  # noqa: E402
 from vistune.train.optim import Muon, MuonAdamW, muon_matrices  # noqa: E402
 from vistune.train.stages import compile_decoder  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> int:
 
     res = {k: s.summary() for k, s in systems.items()}
     out = {
-        "benchmark": "train_step", "device": tc.cpu_name(), "threads": torch.get_num_threads(),
+        "benchmark": "train_step", "device": cpu_name(), "threads": torch.get_num_threads(),
         "precision": "bf16" if bf16 else "fp32", "batch": tc.BATCH, "systems": res,
         "speedup_over_before": round(res["before"]["step_s_median"] / res["vistune"]["step_s_median"], 3),
         "same_losses": losses["before"] == losses["vistune"], "steps_compared": len(losses["vistune"]),

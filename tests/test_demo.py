@@ -72,6 +72,14 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert c.completion_tokens >= 1 and c.prompt_tokens > loaded.config.num_image_tokens
     assert "## Ablations" in (out / "report.md").read_text() and "## Targets" in (out / "report.md").read_text()
     assert set(saved["targets"]) == {"total_s", "full_accuracy", "text_only_vs_majority", "full_over_text_only"}
+    # The times come with the machine they were measured on, and each run's step times.
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["torch"] == torch.__version__
+    assert set(saved["step_times"]) == {"stage1", "stage2", "no_stage1"}
+    assert all(t["first_step_s"] > 0 and t["median_step_s"] > 0 for t in saved["step_times"].values())
+    if saved["compiled"]:  # the first step of a compiled run pays the compile
+        assert all(saved["step_times"][k]["first_step_s"] > saved["step_times"][k]["median_step_s"]
+                   for k in ("stage2", "no_stage1"))
+    assert "Machine: " in (out / "report.md").read_text()
 
 
 def test_demo_same_seed_same_numbers(tmp_path):

@@ -35,3 +35,21 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap_it_keeps():
     assert mmapped("default") >= 16 << 20
     assert mmapped("keep") == 0
     assert keep_freed_memory() is True
+
+
+def test_describe_machine_names_what_a_timing_depends_on():
+    import torch
+
+    from vistune.hardware import cpu_name, describe_machine, native_bf16_cpu
+
+    keep = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = describe_machine()
+    finally:
+        torch.set_num_threads(keep)
+    assert m == {"cpu": cpu_name(), "cores": m["cores"], "threads": 1, "torch": torch.__version__,
+                 "native_bf16": native_bf16_cpu()}
+    assert m["cores"] >= 1 and m["cpu"]
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert m["cpu"] != "cpu"  # /proc/cpuinfo names the model on x86 Linux

@@ -16,6 +16,30 @@ import torch
 
 
 @lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("cpu" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def describe_machine() -> dict:
+    """What a timing depends on: the CPU, its cores, torch's threads and version, native bf16.
+
+    Machines of one CPU model name ran the same demo 1.5x apart (docs/demo.md), so a time
+    is reported with the machine it was measured on.
+    """
+    import os
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "native_bf16": native_bf16_cpu()}
+
+
+@lru_cache(maxsize=1)
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
     try:

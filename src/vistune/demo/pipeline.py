@@ -24,7 +24,7 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory
-from ..hardware import fast_bf16, keep_freed_memory
+from ..hardware import describe_machine, fast_bf16, keep_freed_memory
 from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -34,7 +34,7 @@ from ..train.features import cache_features_for_config
 from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
 from .foundation import (LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder,
                          resolve_compile, resolve_precision)
-from .report import check_targets, write_report
+from .report import check_targets, step_times, write_report
 from .side import SideRun, split_threads, train_preset
 
 
@@ -291,6 +291,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             "train_losses": {k: {"first": round(r.first_loss, 4), "final": round(r.final_loss, 4), "steps": r.steps}
                              for k, r in runs.items()},
             "timings": {**phase.timings},
+            # Machines of one CPU name ran the same work 1.5x apart: the time targets need them.
+            "machine": describe_machine(),
+            "step_times": {k: step_times(r.metrics_path) for k, r in runs.items()},
             "ablation_side_by_side": side is not None,
             "model_dir": str(final),
         }

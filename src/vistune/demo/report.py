@@ -35,6 +35,26 @@ def check_targets(report: dict, time_budget_s: float) -> dict[str, dict]:
     return targets
 
 
+def step_times(metrics_path: Path) -> dict[str, float | None]:
+    """A run's first step (with any compile) and its median step after it, in seconds.
+
+    From the elapsed times in metrics.jsonl; where steps were logged every few, a gap is
+    shared evenly among its steps.
+    """
+    recs = [m for m in read_metrics(metrics_path) if m.get("time") is not None and "step" in m]
+    if not recs:
+        return {"first_step_s": None, "median_step_s": None}
+    per_step = sorted((b["time"] - a["time"]) / (b["step"] - a["step"])
+                      for a, b in zip(recs, recs[1:]) if b["step"] > a["step"])
+    first = recs[0]["time"] if recs[0]["step"] == 1 else None
+    median = None
+    if per_step:
+        mid = len(per_step) // 2
+        median = per_step[mid] if len(per_step) % 2 else (per_step[mid - 1] + per_step[mid]) / 2
+    return {"first_step_s": None if first is None else round(first, 2),
+            "median_step_s": None if median is None else round(median, 4)}
+
+
 def _savefig(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
@@ -112,6 +132,15 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
         lines.append(f"| {k} | {r['first']:.3f} | {r['final']:.3f} | {r['steps']} |")
     lines += ["", "## Timings", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    m = report.get("machine")
+    if m:
+        lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}"
+                  f"{', native bf16' if m['native_bf16'] else ''}."]
+    steps = {k: v for k, v in report.get("step_times", {}).items() if v.get("median_step_s") is not None}
+    if steps:
+        lines += ["", "| run | first step s (with compile) | median step s after it |", "|---|---|---|"]
+        lines += [f"| {k} | {v['first_step_s'] if v['first_step_s'] is not None else '-'} | {v['median_step_s']:.3f} |"
+                  for k, v in steps.items()]
     lines += ["", "## Sample answers (full pipeline)", ""]
     for s in samples.get("full", [])[:12]:
         mark = "ok" if s["correct"] else "WRONG"

@@ -64,3 +64,51 @@ def test_captions_name_every_object_in_both_orders(tmp_path):
                 colour_first += first in cap
                 shape_first += any(f in cap for f in after)
     assert colour_first > 50 and shape_first > 50
+
+
+def test_cli_synth_writes_the_demo_world(tmp_path, capsys):
+    from vistune.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "cli"), "--images", "6", "--seed", "7"]) == 0
+    ref = make_world(tmp_path / "lib", 6, seed=7)  # what `vistune demo` draws for the same seed
+    got = load_annotations(tmp_path / "cli" / "annotations.json")
+    assert got == ref
+    assert all((tmp_path / "cli" / a.file).read_bytes() == (tmp_path / "lib" / a.file).read_bytes() for a in ref)
+    out = capsys.readouterr().out
+    assert f"6 scenes, {sum(len(a.boxes) for a in ref)} objects" in out and "--backend rules" in out
+
+
+def test_cli_synth_scales_the_objects_with_the_image(tmp_path):
+    from vistune.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "20", "--seed", "1", "--size", "128",
+                 "--max-objects", "2"]) == 0
+    anns = load_annotations(tmp_path / "annotations.json")
+    assert all(a.width == a.height == 128 and 1 <= len(a.boxes) <= 2 for a in anns)
+    assert Image.open(tmp_path / anns[0].file).size == (128, 128)
+    sides = {b.attributes["size"]: set() for a in anns for b in a.boxes}
+    for a in anns:
+        for b in a.boxes:
+            sides[b.attributes["size"]].add(b.bbox[2] - b.bbox[0])
+    # 12-15 px and 20-25 px at 64 px: twice that at 128.
+    assert all(24 <= s <= 30 for s in sides.get("small", ())) and all(40 <= s <= 50 for s in sides.get("large", ()))
+
+
+def test_cli_synth_names_bad_arguments_and_keeps_an_existing_world(tmp_path, capsys):
+    from vistune.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "0"]) == 2
+    assert "--images 0" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "3", "--min-objects", "3",
+                 "--max-objects", "2"]) == 2
+    assert "min_objects (3) <= max_objects (2)" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "3", "--size", "16"]) == 2
+    assert "16 px" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "3"]) == 0
+    before = (tmp_path / "annotations.json").read_bytes()
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "2", "--seed", "9"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "annotations.json").read_bytes() == before  # nothing lost
+    assert main(["data", "synth", "--out", str(tmp_path), "--images", "2", "--seed", "9", "--overwrite"]) == 0
+    assert len(load_annotations(tmp_path / "annotations.json")) == 2
+    assert len(list((tmp_path / "images").iterdir())) == 2  # the old world's images went with it

@@ -26,6 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--limit", type=int, default=None)
     s.set_defaults(func=cmd_scienceqa)
 
+    y = dsub.add_parser("synth", help="a synthetic world: coloured shapes, with captions and boxes",
+                        description="Writes OUT/images/*.png and OUT/annotations.json (vistune's annotations "
+                                    "JSON: captions, and boxes with category and attributes), as `vistune demo` "
+                                    "makes its world. The same seed gives the same world.")
+    y.add_argument("--out", required=True, help="output folder")
+    y.add_argument("--images", type=int, required=True, help="number of scenes")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--size", type=int, default=64, help="image side in px (default 64); the objects scale with it")
+    y.add_argument("--min-objects", type=int, default=1, help="objects per scene, at least (default 1)")
+    y.add_argument("--max-objects", type=int, default=4, help="objects per scene, at most (default 4)")
+    y.add_argument("--overwrite", action="store_true", help="replace a world already in OUT")
+    y.set_defaults(func=cmd_synth)
+
     register_instruct(dsub)
 
 
@@ -175,6 +188,34 @@ def _instruct_rules(args: argparse.Namespace, anns: list, kinds: list[str]) -> i
     records = generate_records(anns, kinds, args.seed)
     write_records(records, args.out)
     print(f"{len(records)} records written to {args.out}")
+    return 0
+
+
+@_user_errors
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..instruct.synth import WorldConfig, make_world
+
+    if args.images < 1:
+        raise ValueError(f"--images {args.images}: at least 1")
+    cfg = WorldConfig.sized(args.size, min_objects=args.min_objects, max_objects=args.max_objects)
+    out = Path(args.out)
+    if (out / "annotations.json").exists():
+        if not args.overwrite:
+            raise ValueError(f"{out / 'annotations.json'} exists: pass --overwrite to replace that world")
+        from ..instruct.annotations import load_annotations
+
+        # Only the old world's own images go, so that none of them is left beside the new one.
+        images = (out / "images").resolve()
+        for a in load_annotations(out / "annotations.json"):
+            old = (out / a.file).resolve()
+            if old.parent == images:
+                old.unlink(missing_ok=True)
+    anns = make_world(out, args.images, seed=args.seed, cfg=cfg, progress=True)
+    objects = sum(len(a.boxes) for a in anns)
+    print(f"{len(anns)} scenes, {objects} objects -> {out / 'images'}, {out / 'annotations.json'}")
+    print(f"next: vistune data instruct --backend rules --annotations {out / 'annotations.json'} --out instruct.jsonl")
     return 0
 
 

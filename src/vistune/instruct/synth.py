@@ -41,6 +41,27 @@ class WorldConfig:
     max_overlap: float = 0.15  # largest allowed intersection over the smaller box
     background_noise: int = 6
 
+    def __post_init__(self) -> None:
+        pairs = len(COLORS) * len(SHAPES)
+        if not 1 <= self.min_objects <= self.max_objects <= pairs:
+            raise ValueError(f"objects per scene: need 1 <= min_objects ({self.min_objects}) <= max_objects "
+                             f"({self.max_objects}) <= {pairs}, the distinct (colour, shape) pairs")
+        if self.image_size < self.large_px[1] + 2:
+            raise ValueError(f"image_size {self.image_size} px is too small for objects of up to "
+                             f"{self.large_px[1]} px")
+
+    @classmethod
+    def sized(cls, image_size: int, **kw) -> "WorldConfig":
+        """The default world drawn at ``image_size`` px, its objects scaled with it (defined at 64 px)."""
+        if image_size < 32:
+            raise ValueError(f"image_size {image_size} px: at least 32")
+        scale = image_size / 64
+
+        def px(lo_hi: tuple[int, int]) -> tuple[int, int]:
+            return round(lo_hi[0] * scale), round(lo_hi[1] * scale)
+
+        return cls(image_size=image_size, small_px=px(cls.small_px), large_px=px(cls.large_px), **kw)
+
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

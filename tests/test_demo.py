@@ -1,5 +1,8 @@
 import json
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
+
+import pytest
 
 import torch
 from PIL import Image
@@ -10,7 +13,7 @@ from vistune import hardware
 from vistune.cli import main
 from vistune.demo.evaluate import normalize
 from vistune.demo.foundation import LMPretrainConfig, VisionPretrainConfig
-from vistune.demo.pipeline import DemoConfig, run_demo
+from vistune.demo.pipeline import RUN_SETTINGS, DemoConfig, DemoError, run_demo
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.train.metrics import read_metrics
 
@@ -160,3 +163,59 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     assert seen[-1].stage2_steps == 600 and seen[-1].compile == "off"
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "0"]) == 1
     assert "--stage2-steps must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_demo_resume_continues_an_interrupted_run_to_the_same_numbers(tmp_path, capsys, monkeypatch):
+    import vistune.demo.pipeline as pipeline
+
+    # Three stage-2 steps with a checkpoint every two; a finished run keeps none of them.
+    full = run_demo(replace(tiny_demo(tmp_path / "a"), threads=2, checkpoint_every=2))
+    assert not list(tmp_path.glob("a/*/checkpoints"))
+    # The same run stopped in its evaluation keeps them ...
+    cut = tmp_path / "b"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "answer_questions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(replace(tiny_demo(cut), threads=2, checkpoint_every=2))
+    monkeypatch.undo()
+    # ... and is made into what an interruption during stage 2's third step leaves: the step-2
+    # checkpoints, no models, no report.
+    for run in ("stage2", "ablation-no-stage1"):
+        shutil.rmtree(cut / run / "model")
+        shutil.rmtree(cut / run / "checkpoints" / "step-00000003")
+        assert (cut / run / "checkpoints" / "step-00000002").is_dir()
+    llm_before = (cut / "foundation" / "llm" / "config.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    resumed = run_demo(replace(tiny_demo(cut), threads=2, checkpoint_every=2, resume=True))
+    assert "kept from the interrupted run" in capsys.readouterr().out
+    assert (cut / "foundation" / "llm" / "config.json").stat().st_mtime_ns == llm_before  # stage 0 not redone
+    assert resumed["resumed"] is True and resumed["targets"]["total_s"]["met"] is None
+    # Stage 2 and its ablation went on from step 2 (retrained from scratch, they would give the same numbers).
+    assert resumed["resumed_from"] == {k: str(cut / run / "checkpoints" / "step-00000002")
+                                       for k, run in (("stage2", "stage2"), ("no_stage1", "ablation-no-stage1"))}
+    assert full["resumed_from"] == {}
+    assert resumed["accuracy"] == full["accuracy"] and resumed["train_losses"] == full["train_losses"]
+    for run in ("stage2", "ablation-no-stage1"):
+        losses = [m["loss"] for m in read_metrics(cut / run / "metrics.jsonl")]
+        assert losses == [m["loss"] for m in read_metrics(tmp_path / "a" / run / "metrics.jsonl")], run
+        assert len(losses) == 3
+    for w in sorted((tmp_path / "a" / "model").glob("*.safetensors")):
+        ta, tb = load_file(w), load_file(cut / "model" / w.name)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), w.name
+    assert not list(cut.glob("*/checkpoints"))
+
+
+def test_demo_resume_refuses_another_runs_settings(tmp_path):
+    with pytest.raises(DemoError, match="holds no demo run"):
+        run_demo(replace(tiny_demo(tmp_path / "none"), resume=True))
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / RUN_SETTINGS).write_text(json.dumps({**json.loads(json.dumps(asdict(tiny_demo(out)))), "seed": 5}))
+    with pytest.raises(DemoError, match="seed: 5 there, 0 now"):
+        run_demo(replace(tiny_demo(out), resume=True))
+    assert sorted(p.name for p in out.iterdir()) == [RUN_SETTINGS]  # nothing was started
+    assert main(["demo", "--out", str(tmp_path / "none"), "--resume"]) == 1

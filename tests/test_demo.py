@@ -207,6 +207,9 @@ def test_demo_resume_continues_an_interrupted_run_to_the_same_numbers(tmp_path, 
         ta, tb = load_file(w), load_file(cut / "model" / w.name)
         assert all(torch.equal(ta[k], tb[k]) for k in ta), w.name
     assert not list(cut.glob("*/checkpoints"))
+    # A finished run has nothing left to continue.
+    with pytest.raises(DemoError, match="is complete"):
+        run_demo(replace(tiny_demo(cut), threads=2, checkpoint_every=2, resume=True))
 
 
 def test_demo_resume_refuses_another_runs_settings(tmp_path):

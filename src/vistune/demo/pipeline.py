@@ -137,6 +137,9 @@ def _check_resumable(out: Path, cfg: DemoConfig) -> None:
     path = out / RUN_SETTINGS
     if not path.exists():
         raise DemoError(f"--resume: {out} holds no demo run to continue ({RUN_SETTINGS} is missing)")
+    if (out / "report.json").exists():
+        raise DemoError(f"--resume: the run in {out} is complete (report.json): nothing to continue; "
+                        "run without --resume to start again")
     saved, now = json.loads(path.read_text()), _settings(cfg)
     diff = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
@@ -203,6 +206,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.resume:
         _check_resumable(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        # A report in OUT marks a finished run: an older one goes now that this run replaces it.
+        (out / "report.json").unlink(missing_ok=True)
     write_json(out / RUN_SETTINGS, _settings(cfg))
     phase = _Phases()
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ This module imports nothing from vistune, so every layer may use it.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def describe_machine() -> dict:
     Machines of one CPU model name ran the same demo 1.5x apart (docs/demo.md), so a time
     is reported with the machine it was measured on.
     """
-    import os
-
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "native_bf16": native_bf16_cpu()}
 

@@ -232,14 +232,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with phase("stage 0: tokenizer, vision encoder, language model"):
         foundation = out / "foundation"
-        v0 = get_template("v0")
-        texts = [c for a in train_anns for c in a.captions]
-        texts += [render(v0, _strip_images(r["conversations"]), eos="</s>", bos="<s>").text for r in instruct]
-        texts += [r["conversations"][0]["value"].replace("<image>", "") for r in pairs]
         # Each model directory appears whole or not at all (atomic_directory): one that is there is done.
         if cfg.resume and all((foundation / d / "config.json").exists() for d in ("vision", "llm")):
             print("   kept from the interrupted run", flush=True)
         else:
+            v0 = get_template("v0")
+            texts = [c for a in train_anns for c in a.captions]
+            texts += [render(v0, _strip_images(r["conversations"]), eos="</s>", bos="<s>").text for r in instruct]
+            texts += [r["conversations"][0]["value"].replace("<image>", "") for r in pairs]
             tok = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
             vis_cfg = replace(cfg.vision, seed=cfg.seed, precision=precision)
             lm_cfg = replace(cfg.lm, seed=cfg.seed)

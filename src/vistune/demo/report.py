@@ -1,6 +1,7 @@
 """The demo's outputs: report.md, report.json, loss.png, accuracy.png."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..files import atomic_path, atomic_write_text, write_json
@@ -54,16 +55,12 @@ def step_times(metrics_path: Path) -> dict[str, float | None]:
     recs = [m for m in read_metrics(metrics_path) if m.get("time") is not None and "step" in m]
     if not recs:
         return {"first_step_s": None, "median_step_s": None}
-    per_step = sorted((b["time"] - a["time"]) / (b["step"] - a["step"])
-                      # A resumed run's clock starts again at its first step: that gap is no step's time.
-                      for a, b in zip(recs, recs[1:]) if b["step"] > a["step"] and b["time"] >= a["time"])
+    per_step = [(b["time"] - a["time"]) / (b["step"] - a["step"])
+                # A resumed run's clock starts again at its first step: that gap is no step's time.
+                for a, b in zip(recs, recs[1:]) if b["step"] > a["step"] and b["time"] >= a["time"]]
     first = recs[0]["time"] if recs[0]["step"] == 1 else None
-    median = None
-    if per_step:
-        mid = len(per_step) // 2
-        median = per_step[mid] if len(per_step) % 2 else (per_step[mid - 1] + per_step[mid]) / 2
     return {"first_step_s": None if first is None else round(first, 2),
-            "median_step_s": None if median is None else round(median, 4)}
+            "median_step_s": round(statistics.median(per_step), 4) if per_step else None}
 
 
 def _savefig(fig, path: Path) -> None:

@@ -57,11 +57,11 @@ def demo_shaped_model(tok):
     return model, tok
 
 
-def cached_batches(model, tok, n: int) -> list[dict]:
+def cached_batches(model, tok, n: int, make_samples=tt.make_samples) -> list[dict]:
     """Padded batches with the tower's features in place of pixels (the demo's feature cache)."""
     out = []
     for k in range(n):
-        samples = tt.make_samples(model, tok, BATCH, seed=k)
+        samples = make_samples(model, tok, BATCH, seed=k)
         b = PadCollator(tok.pad_token_id)(samples)
         with torch.no_grad():
             feats = model.vision(b["pixel_values"])

@@ -4,8 +4,10 @@ import torch
 from conftest import make_model, noise_image
 from vistune.data.collate import PadCollator
 from vistune.data.images import preprocess
+from vistune.model.build import build_vlm
 from vistune.model.projector import build_projector
 from vistune.model.vlm import IGNORE_INDEX, ImageTokenMismatch, causal_lm_loss, causal_training_mask
+from vistune.model.tiny import tiny_text_config, tiny_vision_config
 from vistune.text.encode import encode_conversation
 
 
@@ -188,3 +190,20 @@ def test_conv_tower_from_a_directory_uses_its_preprocessor_size(tokenizer, tmp_p
     save_model(model, tok, tmp_path / "vlm")
     loaded, _ = load_model(tmp_path / "vlm")
     assert loaded.config.num_image_tokens == 64 and loaded.vision.image_size == 64
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_sliding_window_shorter_than_the_batch_is_kept_in_the_training_loss(tokenizer, impl):
+    # Mistral-style attention sees only the last `sliding_window` tokens: the causal mask alone
+    # would let the training loss see more than inference does.
+    torch.manual_seed(0)
+    text = {**tiny_text_config("llama", vocab_size=len(tokenizer)), "model_type": "mistral", "sliding_window": 6}
+    model, tok = build_vlm(tiny_vision_config("clip"), text, tokenizer, projector_type="mlp2x_gelu",
+                           template="vicuna_v1")
+    model.eval().language_model.set_attn_implementation(impl)
+    b = PadCollator(tok.pad_token_id)([sample(model, tok, "<image>\nWhat color is the circle?", 1),
+                                        sample(model, tok, "Q?", 0, reply="Yes.")])
+    with torch.no_grad():
+        fast = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"])
+        full = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    torch.testing.assert_close(fast.loss, causal_lm_loss(full.logits, b["labels"])[0], atol=1e-5, rtol=1e-5)

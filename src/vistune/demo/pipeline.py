@@ -65,7 +65,8 @@ class DemoConfig:
     # 14 x 300 gave 64.8 % and 14 x 900 70.3 % (docs/demo.md). None: 1800 where bf16 matmuls are
     # native (AMX, AVX512-BF16, GPUs), whose steps and ablation fit the 600 s of a 2-core Xeon with
     # the LM compiled (`compile`): 555 s there (660-849 s on slower machines of the same name), and
-    # over five seeds 90.6 % with the preset's Muon rate against 87.4 % at 1200; 300 elsewhere, which
+    # over five seeds 90.6 % with the preset's Muon rate against 87.4 % at 1200 (90.0 % since the LM's
+    # last layer runs at the supervised positions only, which rounds differently); 300 elsewhere, which
     # took 535-550 s on AVX2-only EPYCs.
     stage2_steps: int | None = None
     stage2_batch: int = 14

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from . import last_layer
 from .config import VLMConfig
 from .projector import build_projector
 from .vision import VisionTower
@@ -44,6 +45,9 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector_type, vision.hidden_size, text_dim
         )
+        # The loss path's decoder stack with its last layer at the supervised rows only;
+        # training may swap in a compiled copy (train.compile).
+        self.hidden_at_rows = last_layer.hidden_at_rows
 
     # -- pieces ---------------------------------------------------------------
     @property
@@ -154,23 +158,36 @@ class VisionLanguageModel(nn.Module):
 
         Most of a LLaVA sample (system prompt, questions, 576 image tokens) is not
         supervised; computing the vocabulary projection only where labels exist saves
-        time and memory, and gives the same loss as the full path.
+        time and memory, and gives the same loss as the full path. Where the LM's layout
+        allows (``last_layer.supports``), its last layer runs at those positions only too.
         """
         lm = self._unwrapped_lm()
         decoder = getattr(lm, lm.base_model_prefix)
-        attention_mask = causal_training_mask(attention_mask, lm.config._attn_implementation, embeds.dtype)
+        if last_layer.sliding_window_applies(lm.config, embeds.shape[1]):
+            mask = attention_mask  # the window hides more than the causal mask: transformers builds it
+        else:
+            mask = causal_training_mask(attention_mask, lm.config._attn_implementation, embeds.dtype)
+        causal = attention_mask is None or mask is not attention_mask  # right padding or none: the causal mask
+        if causal and position_ids is None and not lm_kwargs and last_layer.supports(decoder, embeds.shape[1]):
+            rows = last_layer.supervised_rows(labels)
+            if rows.shape[1]:
+                hidden = self.hidden_at_rows(decoder, embeds, mask, rows)
+                return _loss_at(lm, hidden.flatten(0, 1), labels[:, 1:].gather(1, rows).flatten())
         hidden = decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
             **lm_kwargs,
         ).last_hidden_state
         shift_labels = labels[:, 1:]
         keep = shift_labels != IGNORE_INDEX
-        h = hidden[:, :-1][keep]
-        logits = lm.get_output_embeddings()(h)
-        target = shift_labels[keep]
-        n = int(target.numel())
-        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(n, 1)
-        return VLMOutput(loss=loss, num_supervised=n)
+        return _loss_at(lm, hidden[:, :-1][keep], shift_labels[keep])
+
+
+def _loss_at(lm: PreTrainedModel, hidden: torch.Tensor, target: torch.Tensor) -> VLMOutput:
+    """Mean cross-entropy of the LM head over (N, hidden) states; IGNORE_INDEX targets skipped."""
+    logits = lm.get_output_embeddings()(hidden)
+    n = int((target != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / max(n, 1)
+    return VLMOutput(loss=loss, num_supervised=n)
 
 
 def causal_training_mask(attention_mask: torch.Tensor | None, attn_implementation: str,

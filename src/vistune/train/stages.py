@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from ..files import atomic_path
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
+from ..model.last_layer import hidden_at_rows
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, RunConfig, module_lr
 
@@ -176,8 +177,9 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     be compiled again as a dynamic one (the demo's stage 2: 47 s of compiling instead of
     56, then 0.201 s per step instead of 0.223). On a CPU, SDPA gives way to eager
     attention, whose matmuls and softmax inductor fuses, where SDPA's CPU kernel is one
-    opaque op to it (0.226 s per step instead of 0.245). Returns the attention
-    implementation it replaced (to restore before saving), or None.
+    opaque op to it (0.226 s per step instead of 0.245). The loss path's stack with its
+    last layer at the supervised rows (``model.last_layer``) is compiled the same way.
+    Returns the attention implementation it replaced (to restore before saving), or None.
     """
     lm = model.language_model
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -186,6 +188,7 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
         base.set_attn_implementation("eager")
         replaced = "sdpa"
     getattr(base, base.base_model_prefix).compile(dynamic=True)
+    model.hidden_at_rows = torch.compile(hidden_at_rows, dynamic=True)
     return replaced
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+# Mistral's and Qwen2's modeling files copy these two from Llama's.
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-IGNORE_INDEX = -100
+from ..text.encode import IGNORE_INDEX
 
 # Decoder layers whose model's forward is the loop `hidden_at_rows` mirrors, and whose
 # attention is eager_attention_forward's arithmetic (no soft-capping, no extra norms). The
@@ -40,15 +42,8 @@ def supports(decoder: nn.Module, seq_len: int) -> bool:
         return False  # the rows' attention would skip the dropout the other layers apply
     if sliding_window_applies(cfg, seq_len):
         return False
-    last = decoder.layers[-1]
-    if type(last).__name__ != _LAYOUTS[cfg.model_type]:
-        return False
-    attn = getattr(last, "self_attn", None)
-    needed = (hasattr(decoder, "rotary_emb") and hasattr(decoder, "norm")
-              and all(hasattr(last, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
-              and attn is not None
-              and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")))
-    return bool(needed) and len(decoder.layers) == cfg.num_hidden_layers
+    # That class is transformers' own layer: its attributes are the ones hidden_at_rows reads.
+    return type(decoder.layers[-1]).__name__ == _LAYOUTS[cfg.model_type] and len(decoder.layers) == cfg.num_hidden_layers
 
 
 def sliding_window_applies(config, seq_len: int) -> bool:
@@ -74,11 +69,6 @@ def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
     return torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :most]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                    rows: torch.Tensor) -> torch.Tensor:
     """The decoder's final hidden states (after its norm) at ``rows``: (B, M, hidden).
@@ -102,14 +92,12 @@ def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: tor
     # Keys and values of every position (the rows attend to them), queries at the rows only.
     k = attn.k_proj(x).view(b, n, -1, d).transpose(1, 2)
     v = attn.v_proj(x).view(b, n, -1, d).transpose(1, 2)
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     at_rows = rows[..., None].expand(-1, -1, width)
     q = attn.q_proj(x.gather(1, at_rows)).view(b, rows.shape[1], -1, d).transpose(1, 2)
     q_cos, q_sin = cos[0][rows][:, None], sin[0][rows][:, None]
-    q = q * q_cos + _rotate_half(q) * q_sin
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q = q * q_cos + rotate_half(q) * q_sin
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     # eager_attention_forward's arithmetic: scores in the compute dtype, softmax in fp32.
     scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
     later = torch.arange(n, device=rows.device)[None, None, :] > rows[:, :, None]

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..text.encode import IGNORE_INDEX
 from . import last_layer
 from .config import VLMConfig
 from .projector import build_projector
 from .vision import VisionTower
-
-IGNORE_INDEX = -100
 
 
 class ImageTokenMismatch(ValueError):

@@ -48,10 +48,10 @@ BATCH = 14
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def demo_shaped_model(tok):
+def demo_shaped_model(tok, layers: int = 4):
     torch.manual_seed(0)
     vision = tiny_vision_config("clip", image_size=64, patch_size=8, hidden_size=96, layers=2, heads=4)
-    text = tiny_text_config("llama", vocab_size=len(tok) + 8, hidden_size=192, layers=4, heads=6, max_positions=512)
+    text = tiny_text_config("llama", vocab_size=len(tok) + 8, hidden_size=192, layers=layers, heads=6, max_positions=512)
     text.update(intermediate_size=576, num_key_value_heads=6)
     model, tok = build_vlm(vision, text, tok, projector_type="mlp2x_gelu", template="vicuna_v1", max_length=512)
     return model, tok

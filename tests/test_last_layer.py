@@ -92,8 +92,8 @@ def test_the_training_loss_and_gradients_are_the_full_stacks(tokenizer, monkeypa
                                         sample(model, tok, "Q?", 0, reply="Yes, there is one.")])
     params = [p for p in model.parameters() if p.requires_grad]
     calls = []
-    rows_path = model.hidden_at_rows
-    model.hidden_at_rows = lambda *a: calls.append(1) or rows_path(*a)
+    rows_path = model.last_layer_at_rows
+    model.last_layer_at_rows = lambda *a: calls.append(1) or rows_path(*a)
     results = []
     for use_rows in (True, False):
         if not use_rows:
@@ -115,7 +115,7 @@ def test_the_training_loss_and_gradients_are_the_full_stacks(tokenizer, monkeypa
 
 def test_left_padding_and_unsupervised_batches_take_the_whole_stack(tiny_model):
     model, tok = tiny_model
-    model.hidden_at_rows = lambda *a: pytest.fail("the rows path ran")
+    model.last_layer_at_rows = lambda *a: pytest.fail("the rows path ran")
     b = PadCollator(tok.pad_token_id)([sample(model, tok, "<image>\nQ?", 1), sample(model, tok, "Q?", 0)])
     left = {k: v for k, v in b.items()}
     # Left padding: move each row's padding to its front.

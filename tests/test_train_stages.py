@@ -192,9 +192,36 @@ def test_compile_swaps_sdpa_for_eager_attention_on_a_cpu_only(tiny_data, tmp_pat
         # Module.compile is lazy: nothing runs on the device until the first forward.
         assert compile_decoder(model, torch.device(device)) == replaced
         assert lm.config._attn_implementation == attn
-        assert lm.model._compiled_call_impl is not None  # the decoder stack, not the head
-        assert lm.lm_head._compiled_call_impl is None
-        assert model.hidden_at_rows is not last_layer.hidden_at_rows  # the loss path's stack too
+        # Regional: each decoder layer on its own, not the stack around them nor the head.
+        assert all(layer._compiled_call_impl is not None for layer in lm.model.layers)
+        assert lm.model._compiled_call_impl is None and lm.lm_head._compiled_call_impl is None
+        assert model.last_layer_at_rows is not last_layer.last_layer_at_rows  # the loss path's last layer too
+
+
+def test_compile_is_regional_one_graph_for_every_layer(tiny_data, tmp_path):
+    """Four like layers compile once: the compile does not grow with the LM's depth."""
+    from torch._dynamo.utils import counters
+    from transformers import GPT2Config, GPT2Model
+    from vistune.model.tiny import tiny_text_config
+    from vistune.train.stages import build_model, compile_decoder, repeated_layers
+
+    cfg = tiny_config(tiny_data, tmp_path, {"model.llm": tiny_text_config("llama", vocab_size=512, layers=4)})
+    model, _ = build_model(cfg)
+    compile_decoder(model, torch.device("cpu"))
+    decoder = model.language_model.model
+    embeds = torch.randn(2, 7, decoder.config.hidden_size)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        got = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    for layer in decoder.layers:
+        layer._compiled_call_impl = None  # the same layers, uncompiled
+    with torch.no_grad():
+        torch.testing.assert_close(got, decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state)
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    assert repeated_layers(gpt2) is gpt2.h
+    assert repeated_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None  # compiled whole
 
 
 def test_compile_trains_the_same_model_through_a_compiled_decoder(tiny_data, base_model_dir, tmp_path):

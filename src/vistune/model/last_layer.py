@@ -69,26 +69,18 @@ def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
     return torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :most]
 
 
-def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                   rows: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states (after its norm) at ``rows``: (B, M, hidden).
+def last_layer_at_rows(layer: nn.Module, norm: nn.Module, hidden: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The decoder's last ``layer`` and final ``norm`` at ``rows`` only: (B, M, hidden).
 
-    ``attention_mask`` is what the other layers get for a right-padded batch: the causal
-    mask (a 4D float mask for eager attention, None for SDPA); the last layer's rows
-    attend to the keys at or before their own position.
+    ``hidden`` is the input of that layer at every position: the rows attend to the keys
+    and values of all positions at or before their own.
     """
-    b, n, width = embeds.shape
-    positions = torch.arange(n, device=embeds.device)[None]
-    cos, sin = decoder.rotary_emb(embeds, positions)
-    hidden = embeds
-    for layer in decoder.layers[:-1]:
-        hidden = layer(hidden, attention_mask=attention_mask, position_embeddings=(cos, sin),
-                       position_ids=positions, use_cache=False)
-
-    last = decoder.layers[-1]
-    attn = last.self_attn
+    b, n, width = hidden.shape
+    cos, sin = position_embeddings
+    attn = layer.self_attn
     d = attn.head_dim
-    x = last.input_layernorm(hidden)
+    x = layer.input_layernorm(hidden)
     # Keys and values of every position (the rows attend to them), queries at the rows only.
     k = attn.k_proj(x).view(b, n, -1, d).transpose(1, 2)
     v = attn.v_proj(x).view(b, n, -1, d).transpose(1, 2)
@@ -105,5 +97,22 @@ def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: tor
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(weights, v).transpose(1, 2).reshape(b, rows.shape[1], -1)
     h = hidden.gather(1, at_rows) + attn.o_proj(out)
-    h = h + last.mlp(last.post_attention_layernorm(h))
-    return decoder.norm(h)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return norm(h)
+
+
+def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                   rows: torch.Tensor, at_rows=last_layer_at_rows) -> torch.Tensor:
+    """The decoder's final hidden states (after its norm) at ``rows``: (B, M, hidden).
+
+    ``attention_mask`` is what the other layers get for a right-padded batch: the causal
+    mask (a 4D float mask for eager attention, None for SDPA). ``at_rows`` computes the
+    last layer (``last_layer_at_rows``, or a compiled copy of it).
+    """
+    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    position_embeddings = decoder.rotary_emb(embeds, positions)
+    hidden = embeds
+    for layer in decoder.layers[:-1]:
+        hidden = layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                       position_ids=positions, use_cache=False)
+    return at_rows(decoder.layers[-1], decoder.norm, hidden, position_embeddings, rows)

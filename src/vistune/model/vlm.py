@@ -44,9 +44,9 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector_type, vision.hidden_size, text_dim
         )
-        # The loss path's decoder stack with its last layer at the supervised rows only;
-        # training may swap in a compiled copy (train.compile).
-        self.hidden_at_rows = last_layer.hidden_at_rows
+        # The loss path's last decoder layer at the supervised rows only; training may swap
+        # in a compiled copy (train.compile).
+        self.last_layer_at_rows = last_layer.last_layer_at_rows
 
     # -- pieces ---------------------------------------------------------------
     @property
@@ -170,7 +170,7 @@ class VisionLanguageModel(nn.Module):
         if causal and position_ids is None and not lm_kwargs and last_layer.supports(decoder, embeds.shape[1]):
             rows = last_layer.supervised_rows(labels)
             if rows.shape[1]:
-                hidden = self.hidden_at_rows(decoder, embeds, mask, rows)
+                hidden = last_layer.hidden_at_rows(decoder, embeds, mask, rows, self.last_layer_at_rows)
                 return _loss_at(lm, hidden.flatten(0, 1), labels[:, 1:].gather(1, rows).flatten())
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,

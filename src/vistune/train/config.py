@@ -97,9 +97,10 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
     gradient_checkpointing: bool = False
-    # torch.compile (inductor) on the LM's decoder stack. Small models on a CPU spend much of a step
-    # in per-op overhead that compiling fuses away; the first step pays the compile (about a minute
-    # for the demo's LM with an empty cache, 1.4x faster steps after it: benchmarks/train_compile.py).
+    # torch.compile (inductor) on the LM's decoder layers, one graph for all layers of one class.
+    # Small models on a CPU spend much of a step in per-op overhead that compiling fuses away; the
+    # first step pays the compile (under a minute for the demo's LM with an empty cache, 1.4x faster
+    # steps after it: benchmarks/train_compile.py, benchmarks/compile_time.py).
     compile: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0: no intermediate checkpoints
     keep_last: int = 2

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from ..files import atomic_path
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
-from ..model.last_layer import hidden_at_rows
+from ..model.last_layer import last_layer_at_rows
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, RunConfig, module_lr
 
@@ -167,18 +167,21 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch
 
 
 def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | None:
-    """torch.compile the LM's decoder stack in place, for training (``train.compile``).
+    """torch.compile the LM's decoder layers in place, for training (``train.compile``).
 
-    Only the decoder: the splice of image tokens and the loss have data-dependent shapes
-    that would break the graph. ``Module.compile`` keeps the module and its state-dict
-    keys, so checkpoints and the saved model are those of an uncompiled run.
+    Regional: each of the decoder's repeated layers is compiled on its own, and layers of
+    one class share one compiled graph, so a deep LM compiles one layer's worth instead of
+    its whole unrolled stack (a 16-layer LM of the demo's width: 51 s instead of 157 s, its
+    steps 3 % slower without the fusions across layers; benchmarks/compile_time.py). Only the decoder: the splice of image tokens
+    and the loss have data-dependent shapes that would break the graph. ``Module.compile``
+    keeps the modules and their state-dict keys, so checkpoints and the saved model are
+    those of an uncompiled run. A decoder without a list of like layers is compiled whole.
 
     Dynamic shapes from the start: batches vary in length, and a static first graph would
-    be compiled again as a dynamic one (the demo's stage 2: 47 s of compiling instead of
-    56, then 0.201 s per step instead of 0.223). On a CPU, SDPA gives way to eager
-    attention, whose matmuls and softmax inductor fuses, where SDPA's CPU kernel is one
-    opaque op to it (0.226 s per step instead of 0.245). The loss path's stack with its
-    last layer at the supervised rows (``model.last_layer``) is compiled the same way.
+    be compiled again as a dynamic one. On a CPU, SDPA gives way to eager attention, whose
+    matmuls and softmax inductor fuses, where SDPA's CPU kernel is one opaque op to it
+    (the demo's stage 2: 0.226 s per step instead of 0.245). The loss path's last layer at
+    the supervised rows (``model.last_layer_at_rows``) is compiled too.
     Returns the attention implementation it replaced (to restore before saving), or None.
     """
     lm = model.language_model
@@ -187,9 +190,20 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     if device.type == "cpu" and base.config._attn_implementation == "sdpa":
         base.set_attn_implementation("eager")
         replaced = "sdpa"
-    getattr(base, base.base_model_prefix).compile(dynamic=True)
-    model.hidden_at_rows = torch.compile(hidden_at_rows, dynamic=True)
+    decoder = getattr(base, base.base_model_prefix)
+    layers = repeated_layers(decoder)
+    for region in layers if layers is not None else [decoder]:
+        region.compile(dynamic=True)
+    model.last_layer_at_rows = torch.compile(last_layer_at_rows, dynamic=True)
     return replaced
+
+
+def repeated_layers(decoder: nn.Module) -> nn.ModuleList | None:
+    """The decoder's list of layers of one class (Llama's ``layers``, GPT-2's ``h``), if it has one."""
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
+            return child
+    return None
 
 
 def set_train_mode(model: VisionLanguageModel, cfg: RunConfig) -> None:

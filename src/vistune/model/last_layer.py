@@ -16,6 +16,8 @@ it, and any other model takes the whole stack.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 # Mistral's and Qwen2's modeling files copy these two from Llama's.
@@ -102,7 +104,7 @@ def last_layer_at_rows(layer: nn.Module, norm: nn.Module, hidden: torch.Tensor,
 
 
 def hidden_at_rows(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                   rows: torch.Tensor, at_rows=last_layer_at_rows) -> torch.Tensor:
+                   rows: torch.Tensor, at_rows: Callable[..., torch.Tensor] = last_layer_at_rows) -> torch.Tensor:
     """The decoder's final hidden states (after its norm) at ``rows``: (B, M, hidden).
 
     ``attention_mask`` is what the other layers get for a right-padded batch: the causal

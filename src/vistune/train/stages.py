@@ -172,10 +172,11 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     Regional: each of the decoder's repeated layers is compiled on its own, and layers of
     one class share one compiled graph, so a deep LM compiles one layer's worth instead of
     its whole unrolled stack (a 16-layer LM of the demo's width: 51 s instead of 157 s, its
-    steps 3 % slower without the fusions across layers; benchmarks/compile_time.py). Only the decoder: the splice of image tokens
-    and the loss have data-dependent shapes that would break the graph. ``Module.compile``
-    keeps the modules and their state-dict keys, so checkpoints and the saved model are
-    those of an uncompiled run. A decoder without a list of like layers is compiled whole.
+    steps 3 % slower without the fusions across layers; benchmarks/compile_time.py).
+    Only the decoder: the splice of image tokens and the loss have data-dependent shapes
+    that would break the graph. ``Module.compile`` keeps the modules and their state-dict
+    keys, so checkpoints and the saved model are those of an uncompiled run. A decoder
+    without a list of like layers is compiled whole.
 
     Dynamic shapes from the start: batches vary in length, and a static first graph would
     be compiled again as a dynamic one. On a CPU, SDPA gives way to eager attention, whose

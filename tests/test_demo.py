@@ -222,3 +222,27 @@ def test_demo_resume_refuses_another_runs_settings(tmp_path):
         run_demo(replace(tiny_demo(out), resume=True))
     assert sorted(p.name for p in out.iterdir()) == [RUN_SETTINGS]  # nothing was started
     assert main(["demo", "--out", str(tmp_path / "none"), "--resume"]) == 1
+
+
+def test_demo_stage0_models_are_the_same_on_any_thread_count(tmp_path):
+    """The vision encoder pretrains on one thread, beside the LM where a core is spare, so stage 0's
+    models do not depend on the machine's thread count (its convolutions sum in a thread-dependent order)."""
+    run_demo(replace(tiny_demo(tmp_path / "two"), threads=2))
+    run_demo(replace(tiny_demo(tmp_path / "one"), threads=1, ablations=False))
+    for model in ("vision", "llm"):
+        (w,) = sorted((tmp_path / "two" / "foundation" / model).glob("*.safetensors"))
+        a, b = load_file(w), load_file(tmp_path / "one" / "foundation" / model / w.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+
+
+def test_side_call_raises_the_childs_error(tmp_path):
+    from vistune.demo.foundation import pretrain_vision_encoder
+    from vistune.demo.side import SideCall
+
+    side = SideCall(pretrain_vision_encoder, (None, tmp_path / "v", VisionPretrainConfig(steps=2)), 1, "x", 2)
+    try:
+        with pytest.raises(TypeError, match="NoneType"):  # no tokenizer: the child's own error
+            side.result()
+    finally:
+        side.stop()
+    assert not (tmp_path / "v").exists()

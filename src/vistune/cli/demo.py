@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--one-process", action="store_true",
                    help="train the no-stage-1 ablation after stage 2 on all threads, not beside stages 1 and 2 "
-                        "in a second process on half of them")
+                        "in a second process on half of them (and stage 0's vision encoder before the LM, "
+                        "not beside it)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="of vision pretraining and stages 1 and 2 (default: auto, bf16 where the CPU has it "
                         "natively; --quick: fp32)")

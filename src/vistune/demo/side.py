@@ -1,14 +1,15 @@
-"""A training run in a second process, beside the demo's main line of phases.
+"""Work in a second process, beside the demo's main line of phases.
 
-The no-stage-1 ablation needs nothing the full pipeline makes after stage 0, so on a
+Stage 0's vision encoder pretrains on one thread beside the LM pretraining (`SideCall`). The
+no-stage-1 ablation (`SideRun`) needs nothing the full pipeline makes after stage 0, so on a
 machine with two cores it trains on the second one while stages 1 and 2 train on the
 first. A small model's step gains little from a second thread (the quick demo's
 stage-2 step: 1.33x at two threads against one), while two runs side by side, one
 thread each, get close to twice the work done.
 
 Each run uses a fixed number of threads, so the numbers stay the same from run to
-run. The side run's progress bar is drawn by this process from the run's own
-metrics.jsonl, one line under the main run's bar.
+run. The side work's progress bar is drawn by this process, one line under the main
+line's bar: from the run's own metrics.jsonl, or from a step counter the child shares.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import multiprocessing
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -36,44 +38,58 @@ def train_preset(preset: Path, overrides: dict) -> TrainResult:
     return run(load_run_config(preset, overrides))
 
 
-def _start_worker(threads: int) -> None:
+def _start_worker(threads: int, counter=None) -> None:
+    global _STEPS
     torch.set_num_threads(threads)
+    _STEPS = counter
 
 
-class SideRun:
-    """``train_preset(preset, overrides)`` in a spawned process with ``threads`` threads.
+_STEPS = None  # the child's shared step counter (a multiprocessing Value), set by _start_worker
 
-    `result()` waits for it and returns its TrainResult (an error in the run is raised
-    there); `stop()` ends the process if it is still running. Spawned, not forked: a
-    forked child would inherit torch's thread pools mid-use. As with any spawned process,
-    a script that starts one must guard its own top level with ``if __name__ == "__main__"``.
+
+def _count_step(step: int, loss: float) -> None:
+    with _STEPS.get_lock():
+        _STEPS.value += 1
+
+
+def _call_counting(fn: Callable, args: tuple) -> object:
+    return fn(*args, progress=_count_step)
+
+
+class _Beside:
+    """A task in a spawned process with a fixed thread count, its progress bar drawn here.
+
+    `result()` waits for it and returns its value (an error in the task is raised there);
+    `stop()` ends the process if it is still running. Spawned, not forked: a forked child
+    would inherit torch's thread pools mid-use. As with any spawned process, a script that
+    starts one must guard its own top level with ``if __name__ == "__main__"``.
     """
 
-    def __init__(self, preset: Path, overrides: dict, threads: int, desc: str, total_steps: int):
-        self._pool = multiprocessing.get_context("spawn").Pool(1, initializer=_start_worker, initargs=(threads,))
-        # The child draws no bar of its own: two processes redrawing one terminal line garble it.
-        overrides = {**overrides, "train.progress": False}
-        self._async = self._pool.apply_async(train_preset, (preset, overrides))
+    def __init__(self, threads: int, desc: str, total_steps: int, counter=None):
+        ctx = multiprocessing.get_context("spawn")
+        self._pool = ctx.Pool(1, initializer=_start_worker, initargs=(threads, counter))
+        self._async = None
         self._done = False
-        self._metrics = Path(overrides["output_dir"]) / METRICS_FILE
         self._bar = tqdm(total=total_steps, desc=desc, unit="step", position=1, leave=False, dynamic_ncols=True)
         self._watch = threading.Thread(target=self._follow, daemon=True)
+
+    def _start(self, fn: Callable, args: tuple) -> None:
+        self._async = self._pool.apply_async(fn, args)
         self._watch.start()
+
+    def _steps_done(self) -> int:
+        raise NotImplementedError
 
     def _follow(self) -> None:
         seen = 0
         while not self._done and not self._async.ready():
-            try:
-                with open(self._metrics, "rb") as f:
-                    lines = f.read().count(b"\n")
-            except FileNotFoundError:
-                lines = 0
-            if lines > seen:
-                self._bar.update(lines - seen)
-                seen = lines
+            done = self._steps_done()
+            if done > seen:
+                self._bar.update(done - seen)
+                seen = done
             time.sleep(0.5)
 
-    def result(self) -> TrainResult:
+    def result(self):
         try:
             return self._async.get()
         finally:
@@ -89,3 +105,40 @@ class SideRun:
             self._pool.terminate()
             self._pool.join()
             self._bar.close()
+
+
+class SideRun(_Beside):
+    """``train_preset(preset, overrides)`` beside the main line, with ``threads`` threads; `result()`
+    returns its TrainResult. Its bar follows the run's own metrics.jsonl."""
+
+    def __init__(self, preset: Path, overrides: dict, threads: int, desc: str, total_steps: int):
+        super().__init__(threads, desc, total_steps)
+        # The child draws no bar of its own: two processes redrawing one terminal line garble it.
+        overrides = {**overrides, "train.progress": False}
+        self._metrics = Path(overrides["output_dir"]) / METRICS_FILE
+        self._start(train_preset, (preset, overrides))
+
+    def _steps_done(self) -> int:
+        try:
+            with open(self._metrics, "rb") as f:
+                return f.read().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def result(self) -> TrainResult:
+        return super().result()
+
+
+class SideCall(_Beside):
+    """``fn(*args, progress=...)`` beside the main line, with ``threads`` threads; `result()` returns
+    its value. ``fn`` reports each step through ``progress(step, loss)``, as stage 0's pretrainings do,
+    and must be importable by name (a spawned child looks it up)."""
+
+    def __init__(self, fn: Callable, args: tuple, threads: int, desc: str, total_steps: int):
+        counter = multiprocessing.get_context("spawn").Value("i", 0)
+        super().__init__(threads, desc, total_steps, counter)
+        self._counter = counter
+        self._start(_call_counting, (fn, args))
+
+    def _steps_done(self) -> int:
+        return self._counter.value

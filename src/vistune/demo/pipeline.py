@@ -199,6 +199,17 @@ def _train(preset: str, overrides: dict, out_dir: Path):
     return train_preset(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's thread count set to ``n`` for the block, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: VisionPretrainConfig,
                          lm_cfg: LMPretrainConfig, side_by_side: bool) -> None:
     """Stage 0's two models. The vision encoder always trains on one thread: its convolutions sum in
@@ -212,18 +223,14 @@ def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: Visio
     if side_by_side and threads >= 2:
         side = SideCall(pretrain_vision_encoder, vision_args, 1, "CLIP-style vision pretraining", vis_cfg.steps)
         try:
-            torch.set_num_threads(threads - 1)
-            pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
+            with _threads(threads - 1):
+                pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
             side.result()
         finally:
             side.stop()
-            torch.set_num_threads(threads)
         return
-    try:
-        torch.set_num_threads(1)
+    with _threads(1):
         pretrain_vision_encoder(*vision_args, progress=_bar("CLIP-style vision pretraining", vis_cfg.steps))
-    finally:
-        torch.set_num_threads(threads)
     pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
 
 

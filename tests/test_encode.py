@@ -79,6 +79,7 @@ def test_truncation_only_removes_text(tokenizer):
                               max_length=len(full) - 3)
     assert cut.input_ids == full.input_ids[: len(full) - 3]
     assert cut.input_ids.count(img_id(tokenizer)) == 4
+    assert (cut.cut, full.cut) == (3, 0)  # what training reports as cut
 
 
 def test_truncation_into_image_is_an_error(tokenizer):

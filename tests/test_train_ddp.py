@@ -45,6 +45,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+    # Records cut to data.max_length on either process are gathered into the main one's report.
+    cut_two = {json.loads(x)["id"] for x in (tmp_path / "two" / "cut_records.jsonl").read_text().splitlines()}
+    assert cut_two and cut_two == {c["id"] for c in one.cut_records}
     m1, _ = load_model(one.model_dir)
     m2, _ = load_model(tmp_path / "two" / "model")
     s2 = m2.state_dict()

@@ -246,3 +246,37 @@ def test_sharded_engines_refuse_compile_and_muon_before_the_model_is_built():
             check_sharding(kind, TrainConfig(optimizer="muon"))
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU):  # one process, or DDP: whole models
         assert check_sharding(kind, TrainConfig(compile=True, optimizer="muon")) is False
+
+
+def test_records_cut_to_max_length_are_named_once_and_survive_a_resume(tiny_data, tmp_path):
+    from vistune.data.records import RecordFile
+    from vistune.text.encode import encode_conversation
+    from vistune.train.stages import build_model
+
+    cfg = tiny_config(tiny_data, tmp_path / "run", {"train.epochs": 2, "train.save_every": 100})
+    _, tok = build_model(cfg)
+    records = RecordFile(cfg.data.train)
+    img = tok.convert_tokens_to_ids("<image>")
+    over = {}  # what the run must report: each record's tokens beyond data.max_length, from its untruncated encoding
+    for i in range(len(records)):
+        r = records[i]
+        n = len(encode_conversation(tok, "v0", r.conversations, image_token_id=img, num_image_tokens=16).input_ids)
+        if n > cfg.data.max_length:
+            over[r.id] = n - cfg.data.max_length
+    assert 0 < len(over) < len(records)
+
+    r = run(cfg)
+    assert {c["id"]: c["tokens"] for c in r.cut_records} == over  # each once, though read in both epochs
+    assert len(r.cut_records) == len(over) and not r.bad_records
+    logged = [json.loads(x) for x in (r.output_dir / "cut_records.jsonl").read_text().splitlines()]
+    assert {c["id"]: c["tokens"] for c in logged} == over
+    assert f"| records cut to data.max_length | {len(over)} (cut_records.jsonl) |" in r.summary_path.read_text()
+
+    # Resumed from its last checkpoint, a run trains no step and still knows what was cut before.
+    again = run(cfg.with_overrides([f"output_dir={tmp_path / 'again'}"]), resume=str(latest_checkpoint(r.output_dir)))
+    assert again.resumed_from is not None and {c["id"]: c["tokens"] for c in again.cut_records} == over
+
+    # Records that fit are not reported.
+    fits = run(cfg.with_overrides([f"output_dir={tmp_path / 'fits'}", "data.max_length=256", "train.epochs=1"]))
+    assert fits.cut_records == [] and not (fits.output_dir / "cut_records.jsonl").exists()
+    assert "| records cut to data.max_length | 0 |" in fits.summary_path.read_text()

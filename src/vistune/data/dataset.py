@@ -45,6 +45,7 @@ class EncodedRecord:
     images: list[str]
     input_ids: torch.Tensor
     labels: torch.Tensor
+    cut: int = 0  # tokens truncation took off its end (max_length)
 
 
 class VLDataset(Dataset):
@@ -99,7 +100,7 @@ class VLDataset(Dataset):
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
         out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
-                            torch.tensor(enc.labels, dtype=torch.long))
+                            torch.tensor(enc.labels, dtype=torch.long), enc.cut)
         if self._tokens is not None:
             self._tokens[i] = out
         return out
@@ -119,6 +120,7 @@ class VLDataset(Dataset):
             "index": i,
             "input_ids": t.input_ids,
             "labels": t.labels,
+            "cut": t.cut,
             "pixel_values": pixels,
             "image_paths": t.images,
         }

@@ -38,6 +38,7 @@ class Encoded:
     labels: list[int]
     num_images: int
     text: str
+    cut: int = 0  # tokens dropped from the end to fit max_length (their replies go untrained)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -125,7 +126,9 @@ def encode_conversation(
     else:
         labels = [IGNORE_INDEX if t == image_token_id else lab for t, lab in zip(ids, labels)]
 
+    cut = 0
     if max_length is not None and len(ids) > max_length:
+        cut = len(ids) - max_length
         if image_token_id in ids[max_length:]:
             raise SampleTooLong(
                 record_id,
@@ -137,4 +140,4 @@ def encode_conversation(
             raise SampleTooLong(
                 record_id, f"truncation to max_length {max_length} removes every supervised token"
             )
-    return Encoded(ids, labels, n_placeholders, rendered.text)
+    return Encoded(ids, labels, n_placeholders, rendered.text, cut)

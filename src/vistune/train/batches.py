@@ -36,7 +36,8 @@ class SkipBad(Dataset):
 
 @dataclass
 class TrainCollator:
-    """Drops bad samples, then pads (or packs) the rest; carries cached features along."""
+    """Drops bad samples, then pads (or packs) the rest; carries cached features along, and names
+    the samples that truncation to ``max_length`` shortened (``cut``)."""
 
     pad_token_id: int
     packing: bool = False
@@ -50,7 +51,7 @@ class TrainCollator:
         bad = [{"id": s["id"], "reason": s["reason"], "index": s["index"]} for s in samples if s.get("bad")]
         good = [s for s in samples if not s.get("bad")]
         if not good:
-            return {"bad": bad, "num_samples": 0, "num_tokens": 0, "ids": []}
+            return {"bad": bad, "cut": [], "num_samples": 0, "num_tokens": 0, "ids": []}
         if self.packing:
             batch = self._pack(good)
         else:
@@ -59,6 +60,7 @@ class TrainCollator:
             feats = [s["vision_features"] for s in good if s.get("vision_features") is not None]
             batch["vision_features"] = torch.cat(feats) if feats else None
         batch["bad"] = bad
+        batch["cut"] = [{"id": s["id"], "index": s["index"], "tokens": s["cut"]} for s in good if s.get("cut")]
         batch["num_samples"] = len(good)
         return batch
 

@@ -159,6 +159,7 @@ class FeatureDataset(VLDataset):
             "id": t.id, "index": i,
             "input_ids": t.input_ids,
             "labels": t.labels,
+            "cut": t.cut,
             "pixel_values": None,
             "vision_features": self.cache.get(i) if t.images else None,
             "image_paths": t.images,

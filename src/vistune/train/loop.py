@@ -38,6 +38,9 @@ from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_
 
 log = logging.getLogger("vistune.train")
 
+CUT_RECORDS_FILE = "cut_records.jsonl"
+SHOWN_CUTS = 5  # cuts named as they happen; the file lists them all
+
 
 def check_sharding(kind: DistributedType, t: TrainConfig) -> bool:
     """Whether ``kind`` shards the model (DeepSpeed, FSDP); refuses what sharding breaks.
@@ -81,6 +84,7 @@ class TrainResult:
     checkpoint: Path | None = None
     resumed_from: Path | None = None
     bad_records: list[dict] = field(default_factory=list)
+    cut_records: list[dict] = field(default_factory=list)  # trained, but shortened to data.max_length
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
     main_process: bool = True  # False on the other processes of a distributed run
@@ -221,9 +225,9 @@ class Trainer:
         plan_info = {"num_samples": n, "global_batch": plan.window_size, "micro_batch": plan.micro_size,
                      "grad_accum": t.grad_accum, "seed": t.seed, "shuffle": cfg.data.shuffle,
                      "group_by_length": cfg.data.group_by_length, "total_steps": total}
-        step, bad, resumed_from = 0, [], self._resume_path()
+        step, bad, cut, resumed_from = 0, [], {}, self._resume_path()
         if resumed_from is not None:
-            step, bad = self._restore(resumed_from, raw, optimizer, scheduler, plan_info)
+            step, bad, cut = self._restore(resumed_from, raw, optimizer, scheduler, plan_info)
 
         if main:
             cfg.save(self.out / "config.yaml")
@@ -242,6 +246,7 @@ class Trainer:
             progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
         start_time = time.perf_counter()
         tokens_done, first_loss, last_loss, last_saved = 0, None, float("nan"), None
+        max_length = dataset.text.max_length
         try:
             set_train_mode(raw, cfg)
             while step < total:
@@ -259,8 +264,8 @@ class Trainer:
                 for win in windows:
                     t0 = time.perf_counter()
                     micro = [next(it) for _ in win]
-                    loss, tokens, new_bad, gnorm, lr = self._step(model, optimizer, scheduler, micro, trainable,
-                                                                  maybe_unused)
+                    loss, tokens, new_bad, new_cut, gnorm, lr = self._step(model, optimizer, scheduler, micro,
+                                                                           trainable, maybe_unused)
                     step += 1
                     tokens_done += tokens
                     dt = time.perf_counter() - t0
@@ -269,6 +274,14 @@ class Trainer:
                         if main:
                             for b in new_bad:
                                 _say(progress, f"skipped bad record {b['id']!r}: {b['reason']}")
+                    for c in new_cut:
+                        if c["index"] in cut:
+                            continue  # seen in an earlier epoch
+                        cut[c["index"]] = c
+                        if main and len(cut) <= SHOWN_CUTS:
+                            more = " (any further: cut_records.jsonl)" if len(cut) == SHOWN_CUTS else ""
+                            _say(progress, f"record {c['id']!r} is {c['tokens']} token(s) longer than "
+                                           f"data.max_length {max_length}: its end is cut off and not trained{more}")
                     if loss is not None:
                         first_loss = loss if first_loss is None else first_loss
                         last_loss = loss
@@ -288,7 +301,8 @@ class Trainer:
                         raise TooManyBadRecords(bad, bad_limit, n)
                     w0 += 1
                     if t.save_every and (step % t.save_every == 0 or step == total):
-                        last_saved = self._save_checkpoint(step, raw, optimizer, scheduler, bad, plan_info, epoch, w0)
+                        last_saved = self._save_checkpoint(step, raw, optimizer, scheduler, bad, list(cut.values()),
+                                                           plan_info, epoch, w0)
                     if step >= total:
                         break
         finally:
@@ -298,6 +312,10 @@ class Trainer:
                 metrics.close()
             if main and bad:
                 write_jsonl(self.out / "bad_records.jsonl", bad)
+            if main and cut:
+                write_jsonl(self.out / CUT_RECORDS_FILE, list(cut.values()))
+                log.warning("%d record(s) longer than data.max_length %d were cut to it (their ends not trained): "
+                            "%s", len(cut), max_length, self.out / CUT_RECORDS_FILE)
         elapsed = time.perf_counter() - start_time
 
         acc.wait_for_everyone()
@@ -329,7 +347,7 @@ class Trainer:
             output_dir=self.out, model_dir=model_dir, final_loss=last_loss,
             first_loss=first_loss if first_loss is not None else float("nan"), steps=step,
             metrics_path=self.out / METRICS_FILE, projector_path=projector_path, checkpoint=last_saved,
-            resumed_from=resumed_from, bad_records=bad, elapsed_s=elapsed,
+            resumed_from=resumed_from, bad_records=bad, cut_records=list(cut.values()), elapsed_s=elapsed,
             tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0, main_process=main,
         )
         if main:
@@ -345,14 +363,20 @@ class Trainer:
         dev = acc.device
         local = torch.tensor(
             [sum(supervised_tokens(b) for b in micro), sum(b.get("num_tokens", 0) for b in micro),
-             sum(len(b["bad"]) for b in micro)], dtype=torch.float64, device=dev)
+             sum(len(b["bad"]) for b in micro), sum(len(b["cut"]) for b in micro)],
+            dtype=torch.float64, device=dev)
         glob = acc.reduce(local, "sum") if world > 1 else local
-        n_sup, n_tok, n_bad = (int(x) for x in glob.tolist())
+        n_sup, n_tok, n_bad, n_cut = (int(x) for x in glob.tolist())
         new_bad = [b for batch in micro for b in batch["bad"]]
+        new_cut = [c for batch in micro for c in batch["cut"]]
         if world > 1 and n_bad:
             from accelerate.utils import gather_object
 
             new_bad = gather_object(new_bad)
+        if world > 1 and n_cut:
+            from accelerate.utils import gather_object
+
+            new_cut = gather_object(new_cut)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         for i, batch in enumerate(micro):
@@ -395,16 +419,17 @@ class Trainer:
         if world > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         loss = float(loss_sum) / n_sup if n_sup else None
-        return loss, n_tok, new_bad, gnorm, lr
+        return loss, n_tok, new_bad, new_cut, gnorm, lr
 
     # -- saving / resuming ---------------------------------------------------------
-    def _save_checkpoint(self, step, raw, optimizer, scheduler, bad, plan_info, epoch, window) -> Path:
+    def _save_checkpoint(self, step, raw, optimizer, scheduler, bad, cut, plan_info, epoch, window) -> Path:
         acc = self.acc
         from accelerate.utils import gather_object
 
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         path = ckpt.checkpoint_dir(self.out, step)
-        state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "plan": plan_info,
+        state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "cut_records": cut,
+                 "plan": plan_info,
                  "vistune_version": __version__, "processes": acc.num_processes, "sharded": self.sharded}
         if self.sharded:
             # DeepSpeed / FSDP shard weights and optimizer state over processes: every process
@@ -427,7 +452,7 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
-    def _restore(self, path: Path, raw, optimizer, scheduler, plan_info: dict) -> tuple[int, list]:
+    def _restore(self, path: Path, raw, optimizer, scheduler, plan_info: dict) -> tuple[int, list, dict]:
         state = ckpt.read_state(path)
         diffs = {k: (state["plan"].get(k), v) for k, v in plan_info.items() if state["plan"].get(k) != v}
         if diffs:
@@ -448,7 +473,8 @@ class Trainer:
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         if self.acc.is_main_process:
             log.info("resumed from %s (step %d)", path, state["step"])
-        return int(state["step"]), list(state.get("bad_records", []))
+        cut = {c["index"]: c for c in state.get("cut_records", [])}
+        return int(state["step"]), list(state.get("bad_records", [])), cut
 
     def _lora_base(self, model, tok) -> Path:
         """The frozen base of a LoRA run: model.from, or a copy written once into the run."""
@@ -473,6 +499,8 @@ class Trainer:
             ("processes", str(self.acc.num_processes)),
             ("precision", self.acc.mixed_precision),
             ("bad records skipped", str(len(r.bad_records))),
+            ("records cut to data.max_length", f"{len(r.cut_records)}"
+             + (f" ({CUT_RECORDS_FILE})" if r.cut_records else "")),
         ]
         if r.resumed_from:
             rows.append(("resumed from", f"`{r.resumed_from}`"))

@@ -76,6 +76,51 @@ def test_validate_reports_everything(tmp_path, capsys):
     assert main(["data", "validate", str(good), "--template", "vicuna"]) == 1
 
 
+def test_validate_with_a_model_names_what_training_would_skip_or_cut(tiny_model, tmp_path, capsys):
+    from vistune.data.validate import validate_lengths
+    from vistune.model.checkpoint import save_model
+    from vistune.text.encode import encode_conversation
+
+    model, tok = tiny_model
+    model_dir = save_model(model, tok, tmp_path / "model")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "img" / "red.png")
+    long_reply = " ".join(["red circle on the left"] * 12)
+    recs = [
+        {"id": "fits", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "cut", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": long_reply}]},
+        {"id": "image-late", "image": "red.png", "conversations": [
+            {"from": "human", "value": long_reply + "\n<image>"}, {"from": "gpt", "value": "Red."}]},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = text_settings_for(model.config, tok)
+    lengths = {r["id"]: len(encode_conversation(tok, text.template, r["conversations"],
+                                                image_token_id=text.image_token_id,
+                                                num_image_tokens=text.num_image_tokens).input_ids) for r in recs}
+    limit = lengths["fits"] + 2
+    assert lengths["cut"] > limit and lengths["image-late"] > limit
+
+    problems, cuts = validate_lengths(data, text_settings_for(model.config, tok, max_length=limit))
+    assert [p.where for p in problems] == ["record 'image-late' (data.jsonl:3)"] and "cut into an image" in problems[0].reason
+    assert [c.where for c in cuts] == ["record 'cut' (data.jsonl:2)"]
+    assert f"{lengths['cut'] - limit} token(s) longer than max_length {limit}" in cuts[0].reason
+
+    args = ["data", "validate", str(data), "--images", str(tmp_path / "img"), "--model", str(model_dir)]
+    assert main(args) == 0  # the model's own max_length (2048) fits all three
+    assert "3 records, 0 problem(s), 0 would be cut to max_length" in capsys.readouterr().out
+    assert main(args + ["--max-length", str(limit)]) == 1
+    out = capsys.readouterr()
+    assert "3 records, 1 problem(s), 1 would be cut to max_length" in out.out
+    assert "'image-late'" in out.err and "note: record 'cut'" in out.err
+    with pytest.raises(SystemExit, match="--max-length needs --model"):
+        main(["data", "validate", str(data), "--max-length", "10"])
+    with pytest.raises(SystemExit, match="not a vistune model directory"):
+        main(["data", "validate", str(data), "--model", str(tmp_path / "img")])
+
+
 def test_cache_tokens_encodes_each_record_once_and_keeps_no_bad_one(tiny_model, tmp_path, monkeypatch):
     import vistune.data.dataset as dataset_mod
 

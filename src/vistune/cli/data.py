@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--images", default=None, help="image folder the records' paths are relative to")
     v.add_argument("--template", default=None, help="also check the records fit this template")
     v.add_argument("--no-images", action="store_true", help="skip opening images")
+    v.add_argument("--model", default=None,
+                   help="a vistune model directory: encode every record as training from it would (its tokenizer, "
+                        "image tokens and template) and report the records it would skip or cut to max_length")
+    v.add_argument("--max-length", type=int, default=None,
+                   help="with --model: the data.max_length to check against (default: the model's)")
     v.set_defaults(func=cmd_validate)
 
     s = dsub.add_parser("scienceqa", help="ScienceQA problems -> LLaVA records (QCM -> lecture, solution, answer)")
@@ -43,13 +48,43 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ..data.validate import validate_file
+    from ..data.validate import validate_file, validate_lengths
 
+    if args.max_length is not None and not args.model:
+        raise SystemExit("error: --max-length needs --model (the tokenizer and image tokens to count with)")
     n, problems = validate_file(args.data, args.images, template=args.template, check_images=not args.no_images)
+    cuts = []
+    if args.model:
+        problems_, cuts = validate_lengths(args.data, _text_settings(args.model, args.template, args.max_length))
+        problems += problems_
     for pr in problems:
         print(pr, file=sys.stderr)
-    print(f"{n} records, {len(problems)} problem(s)")
+    shown = 20  # a long list of cuts would bury the problems
+    for c in cuts[:shown]:
+        print(f"note: {c}", file=sys.stderr)
+    if len(cuts) > shown:
+        print(f"note: ... and {len(cuts) - shown} more record(s) that would be cut", file=sys.stderr)
+    tail = f", {len(cuts)} would be cut to max_length" if args.model else ""
+    print(f"{n} records, {len(problems)} problem(s){tail}")
     return 1 if problems else 0
+
+
+def _text_settings(model_dir: str, template: str | None, max_length: int | None):
+    """What training from ``model_dir`` encodes records with, read from its config and
+    tokenizer alone (no weights are loaded)."""
+    from ..data.dataset import text_settings_for
+    from ..model.checkpoint import read_config
+    from ..text.tokenizer import load_tokenizer
+
+    try:
+        cfg = read_config(model_dir)
+        tok = load_tokenizer(model_dir)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {model_dir}: {e}") from None
+    try:
+        return text_settings_for(cfg, tok, template=template, max_length=max_length)
+    except ValueError as e:  # an unknown template
+        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_scienceqa(args: argparse.Namespace) -> int:

@@ -1,13 +1,24 @@
-"""Check a whole LLaVA data file at once and report every problem."""
+"""Check a whole LLaVA data file at once and report every problem.
+
+``validate_file`` checks what needs no model (the records' form, ids, images);
+``validate_lengths`` encodes every record as training would for one model's tokenizer,
+template and ``max_length``, and says which records training would skip and which it
+would cut short.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..text.encode import EncodingError, encode_conversation
 from ..text.templates import get_template
 from .images import ImageError, open_image, resolve_image_path
 from .records import RecordError, RecordFile, parse_record
+
+if TYPE_CHECKING:
+    from .dataset import TextSettings
 
 
 @dataclass
@@ -69,3 +80,30 @@ def validate_file(
                 if checked[p]:
                     problems.append(Problem(rec.where, checked[p]))
     return len(rf), problems
+
+
+def validate_lengths(path: str | os.PathLike, text: TextSettings) -> tuple[list[Problem], list[Problem]]:
+    """(problems, cuts): the records that training with ``text`` would skip (too long to cut
+    without losing the image or every reply, or not encodable), and those it would train on
+    cut to ``text.max_length``, each cut naming the tokens lost. Records that do not parse are
+    left to ``validate_file``."""
+    problems: list[Problem] = []
+    cuts: list[Problem] = []
+    rf = RecordFile(path)
+    for i in range(len(rf)):
+        try:
+            obj, where = rf.raw(i)
+            rec = parse_record(obj, where)
+        except RecordError:
+            continue
+        try:
+            enc = encode_conversation(text.tokenizer, text.template, rec.conversations,
+                                      image_token_id=text.image_token_id, num_image_tokens=text.num_image_tokens,
+                                      max_length=text.max_length, record_id=rec.id, system=text.system)
+        except EncodingError as e:
+            problems.append(Problem(rec.where, e.reason))
+            continue
+        if enc.cut:
+            cuts.append(Problem(rec.where, f"{enc.cut} token(s) longer than max_length {text.max_length}: "
+                                           "training would cut its end off and not train it"))
+    return problems, cuts

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..text.encode import EncodingError, encode_conversation
+from ..text.encode import Encoded, EncodingError, encode_conversation
 from ..text.templates import Template, get_template
 from .images import ImageConfig, ImageError, load_pixels, resolve_image_path
 from .records import Record, RecordError, RecordFile
@@ -35,6 +35,12 @@ class TextSettings:
     num_image_tokens: int
     max_length: int = 2048
     system: str | None = None
+
+    def encode(self, turns: Sequence[dict], record_id: object) -> Encoded:
+        """One record's conversation as training encodes it (raises EncodingError naming it)."""
+        return encode_conversation(self.tokenizer, self.template, turns, image_token_id=self.image_token_id,
+                                   num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+                                   record_id=record_id, system=self.system)
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,7 @@ class VLDataset(Dataset):
             return self._tokens[i]
         rec = self.record(i)
         try:
-            enc = encode_conversation(
-                self.text.tokenizer, self.text.template, rec.conversations,
-                image_token_id=self.text.image_token_id, num_image_tokens=self.text.num_image_tokens,
-                max_length=self.text.max_length, record_id=rec.id, system=self.text.system,
-            )
+            enc = self.text.encode(rec.conversations, rec.id)
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
         out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),

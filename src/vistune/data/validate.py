@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..text.encode import EncodingError, encode_conversation
+from ..text.encode import EncodingError
 from ..text.templates import get_template
 from .images import ImageError, open_image, resolve_image_path
 from .records import RecordError, RecordFile, parse_record
@@ -97,9 +97,7 @@ def validate_lengths(path: str | os.PathLike, text: TextSettings) -> tuple[list[
         except RecordError:
             continue
         try:
-            enc = encode_conversation(text.tokenizer, text.template, rec.conversations,
-                                      image_token_id=text.image_token_id, num_image_tokens=text.num_image_tokens,
-                                      max_length=text.max_length, record_id=rec.id, system=text.system)
+            enc = text.encode(rec.conversations, rec.id)
         except EncodingError as e:
             problems.append(Problem(rec.where, e.reason))
             continue

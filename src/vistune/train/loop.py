@@ -369,14 +369,11 @@ class Trainer:
         n_sup, n_tok, n_bad, n_cut = (int(x) for x in glob.tolist())
         new_bad = [b for batch in micro for b in batch["bad"]]
         new_cut = [c for batch in micro for c in batch["cut"]]
-        if world > 1 and n_bad:
+        if world > 1 and (n_bad or n_cut):
             from accelerate.utils import gather_object
 
-            new_bad = gather_object(new_bad)
-        if world > 1 and n_cut:
-            from accelerate.utils import gather_object
-
-            new_cut = gather_object(new_cut)
+            new_bad = gather_object(new_bad) if n_bad else new_bad
+            new_cut = gather_object(new_cut) if n_cut else new_cut
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         for i, batch in enumerate(micro):

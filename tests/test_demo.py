@@ -130,14 +130,14 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     assert normalize(c.text) == normalize(right["answer"]), (right, c.text)
 
 
-def test_stage2_steps_follow_what_the_machine_computes_fast(monkeypatch):
-    import vistune.demo.pipeline as pipeline
+def test_the_recipe_is_the_same_on_every_cpu(monkeypatch):
+    import vistune.demo.foundation as foundation
 
-    monkeypatch.setattr(pipeline, "fast_bf16", lambda device: True)
-    assert pipeline.default_stage2_steps() == 1800
-    monkeypatch.setattr(pipeline, "fast_bf16", lambda device: False)
-    assert pipeline.default_stage2_steps() == 300
-    assert DemoConfig().stage2_steps is None and DemoConfig.quick().stage2_steps == 480
+    # Only the precision follows the CPU; the steps (and so what the model learns from) do not.
+    for native in (True, False):
+        monkeypatch.setattr(foundation, "native_bf16_cpu", lambda: native)
+        assert DemoConfig().stage2_steps == 1800 and DemoConfig.quick().stage2_steps == 480
+        assert foundation.resolve_precision("auto") == ("bf16" if native else "fp32")
 
 
 def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch, capsys):
@@ -158,7 +158,7 @@ def test_demo_cli_passes_precision_and_keeps_quick_in_fp32(tmp_path, monkeypatch
     assert [c.side_by_side for c in seen] == [True, True, True, False]
     assert seen[2].stage2_muon_lr == 1e-3 and seen[1].stage2_batch == 14 and seen[2].stage2_batch == 8
     assert [c.compile for c in seen] == ["auto", "auto", "off", "off"]  # two minutes do not repay a compile
-    assert seen[1].stage2_steps is None  # the machine's: see default_stage2_steps
+    assert seen[1].stage2_steps == 1800 and seen[2].stage2_steps == 480
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "600", "--compile", "off"]) == 0
     assert seen[-1].stage2_steps == 600 and seen[-1].compile == "off"
     assert main(["demo", "--out", str(tmp_path), "--stage2-steps", "0"]) == 1

@@ -38,14 +38,52 @@ def describe_machine() -> dict:
             "torch": torch.__version__, "native_bf16": native_bf16_cpu()}
 
 
-@lru_cache(maxsize=1)
-def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512-BF16: bf16 matmuls are emulated under them.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); empty elsewhere."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+@lru_cache(maxsize=1)
+def bf16_support() -> tuple[bool, str]:
+    """Whether this CPU multiplies bf16 natively for torch here, and why, in a phrase.
+
+    The CPU's flags are not enough: ``ATEN_CPU_CAPABILITY`` (avx2, default) and ``ONEDNN_MAX_CPU_ISA``
+    cap the kernels torch uses, and a capped AVX-512 machine runs as an AVX2 one would.
+    """
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        hw = "AMX-BF16"
+    elif "avx512_bf16" in flags:
+        hw = "AVX512-BF16"
+    elif "bf16" in flags:  # aarch64: ARMv8.6 BF16 instructions
+        hw = "ARM BF16"
+    else:
+        return False, "the CPU has no native bf16 (neither AVX512-BF16, AMX nor ARM BF16)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if hw != "ARM BF16" and capability not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False, f"torch's CPU kernels run at {capability} here (ATEN_CPU_CAPABILITY), below the CPU's {hw}"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} caps oneDNN below the CPU's {hw}"
+    return True, f"the CPU has {hw}"
+
+
+def native_bf16_cpu() -> bool:
+    """Whether bf16 matmuls run natively on this CPU as torch runs here (see bf16_support)."""
+    return bf16_support()[0]
 
 
 @lru_cache(maxsize=1)

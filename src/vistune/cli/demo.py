@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile stage 2's LM (default: auto, in bf16 where a C++ compiler and "
                         "Python's headers are found; --quick: off)")
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
-                   help="stage-2 steps (default: 1800 where bf16 matmuls are native, else 300; --quick: 480); "
+                   help="stage-2 steps (default: 1800 on every machine; --quick: 480); "
                         "more steps buy accuracy with time, the no-stage-1 ablation takes as many")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (same settings): stage 0's models are kept, "

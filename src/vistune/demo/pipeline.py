@@ -25,7 +25,7 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory, write_json
-from ..hardware import describe_machine, fast_bf16, keep_freed_memory
+from ..hardware import describe_machine, keep_freed_memory
 from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -64,14 +64,9 @@ class DemoConfig:
     # optimizer) 16 x 300 matches 8 x 600 (65.2 % on average over seeds 0 and 1) and runs Muon's
     # orthogonalisation half as often. Batches of 14, not 16: on a CPU without native bf16 the
     # demo took 599 s at 16, with no margin under its 600 s (docs/demo.md).
-    # The lookups form late: with captions in both orders, 14 x 1200 gave 84.8 % (seed 0) where
-    # 14 x 300 gave 64.8 % and 14 x 900 70.3 % (docs/demo.md). None: 1800 where bf16 matmuls are
-    # native (AMX, AVX512-BF16, GPUs), whose steps and ablation fit the 600 s of a 2-core Xeon with
-    # the LM compiled (`compile`): 555 s there (660-849 s on slower machines of the same name), and
-    # over five seeds 90.6 % with the preset's Muon rate against 87.4 % at 1200 (90.0 % since the LM's
-    # last layer runs at the supervised positions only, which rounds differently); 300 elsewhere, which
-    # took 535-550 s on AVX2-only EPYCs.
-    stage2_steps: int | None = None
+    # The lookups form late (near step 750): fewer steps cost accuracy. The same count on every machine,
+    # so that every CPU trains the same model; a CPU without native bf16 takes longer.
+    stage2_steps: int = 1800
     stage2_batch: int = 14
     stage2_lr: float | None = None  # None: the preset's (configs/demo-stage2.yaml)
     stage2_muon_lr: float | None = None  # the rate of the matrices Muon updates; None: the preset's
@@ -151,11 +146,6 @@ def _check_resumable(out: Path, cfg: DemoConfig) -> None:
     if diff:
         raise DemoError(f"--resume: the run in {out} was started with other settings ({'; '.join(diff)}); "
                         "resume it with those, or start afresh without --resume")
-
-
-def default_stage2_steps() -> int:
-    """Stage-2 steps that fit the demo's 600 s: 1800 where bf16 matmuls are native, else 300."""
-    return 1800 if fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else 300
 
 
 def _seed_all(seed: int) -> None:
@@ -241,7 +231,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     keep_freed_memory()  # stage 0 and the evaluation too, not only the training runs
     precision = resolve_precision(cfg.precision)
     compiled = resolve_compile(cfg.compile, precision)
-    steps2 = cfg.stage2_steps or default_stage2_steps()
+    steps2 = cfg.stage2_steps
     out = Path(cfg.out)
     if cfg.resume:
         _check_resumable(out, cfg)

@@ -130,7 +130,7 @@ def test_muon_equals_torchs_where_bf16_is_native_and_runs_fp32_where_it_is_not(m
     grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
     reference, ref_opt = _two_steps(torch.optim.Muon, params, grads, adjust_lr_fn="match_rms_adamw")
 
-    monkeypatch.setattr(optim, "fast_bf16", lambda device: True)
+    monkeypatch.setattr(optim, "bf16_on", lambda device: (True, "test"))
     ours, opt = _two_steps(Muon, params, grads)
     for a, b in zip(ours, reference):
         assert torch.equal(a, b)  # torch's rule, bit for bit
@@ -140,7 +140,7 @@ def test_muon_equals_torchs_where_bf16_is_native_and_runs_fp32_where_it_is_not(m
     # Emulated bf16 is dozens of times slower than fp32: there the iteration runs in fp32.
     seen = []
     real = optim.orthogonalize
-    monkeypatch.setattr(optim, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(optim, "bf16_on", lambda device: (False, "test"))
     monkeypatch.setattr(optim, "orthogonalize", lambda *a: seen.append(a[-1]) or real(*a))
     fp32, _ = _two_steps(Muon, params, grads)
     assert set(seen) == {torch.float32}

@@ -105,13 +105,19 @@ def can_compile_cpu() -> bool:
     return cpp_compiler() is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls on ``device`` run natively (CUDA GPUs from Ampere on, or such a CPU)."""
+def bf16_on(device: torch.device) -> tuple[bool, str]:
+    """Whether bf16 matmuls on ``device`` run natively (CUDA GPUs from Ampere on, or such a CPU), and why."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"the GPU {'supports' if ok else 'does not support'} bf16"
     if device.type == "cpu":
-        return native_bf16_cpu()
-    return False
+        return bf16_support()
+    return False, f"bf16 is not known to be native on {device.type}"
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls on ``device`` run natively (see bf16_on)."""
+    return bf16_on(device)[0]
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -56,7 +56,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     missed = [f"{k} {t['value']:g} (target {t['target']})" for k, t in judged.items() if not t["met"]]
     print(f"Targets met: {len(judged) - len(missed)} of {len(judged)}"
           + (f"; not met: {'; '.join(missed)}" if missed else "")
-          + ("; the time is not judged: a resumed run" if report.get("resumed") else ""))
+          + (f"; the time is not judged: {skip}" if (skip := report["targets"].get("total_s", {}).get("not_judged"))
+             else ""))
     print(f"Report: {args.out}/report.md   (total {report['timings']['total_s']:.0f} s)")
     image = min((Path(args.out) / "world/heldout/images").iterdir())
     print("\nTalk to the model:")

@@ -34,10 +34,10 @@ from ..train.checkpoints import CHECKPOINTS
 from ..train.config import PRESETS_DIR
 from ..train.features import cache_features_for_config
 from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
-from .foundation import (LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder,
-                         resolve_compile, resolve_precision)
+from .foundation import LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder
+from .machine import describe, estimate_run_s, plan, probe_step
 from .report import check_targets, run_losses, step_times, write_report
-from .side import SideCall, SideRun, split_threads, train_preset
+from .side import SideCall, SideRun, train_preset
 
 
 
@@ -94,6 +94,8 @@ class DemoConfig:
     # Continue the run in `out` that was interrupted: stage 0's finished models are kept, stage 2 and
     # its ablation go on from their last checkpoints, the cheap phases are redone (they are deterministic).
     resume: bool = False
+    # Time a few stage-2-shaped steps before starting, to print how long the run will take here.
+    probe: bool = True
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
@@ -128,7 +130,7 @@ class DemoError(ValueError):
 def _settings(cfg: DemoConfig) -> dict:
     """What decides a run's numbers: its config, less where it writes and whether it resumes."""
     d = asdict(cfg)
-    for k in ("out", "resume"):
+    for k in ("out", "resume", "probe"):
         d.pop(k)
     return json.loads(json.dumps(d))  # tuples as lists, as the saved copy reads back
 
@@ -229,12 +231,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # stage 0 and the evaluation too, not only the training runs
-    precision = resolve_precision(cfg.precision)
-    compiled = resolve_compile(cfg.compile, precision)
     steps2 = cfg.stage2_steps
     out = Path(cfg.out)
     if cfg.resume:
         _check_resumable(out, cfg)
+    machine = plan(cfg.precision, cfg.compile, torch.get_num_threads(), cfg.side_by_side, cfg.ablations)
+    precision, compiled = machine.precision, machine.compiled
+    if cfg.probe:
+        lm = cfg.lm
+        machine.probe_step_s = probe_step(lm.hidden_size, lm.layers, lm.heads, lm.kv_heads, lm.intermediate_size,
+                                          cfg.vocab_size, cfg.stage2_batch, precision, machine.main_threads)
+        machine.estimate_s = estimate_run_s(machine.probe_step_s, steps2, compiled)
+    print("\n".join("   " + line for line in describe(machine, cfg.time_budget_s)), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         # A report in OUT marks a finished run: an older one goes now that this run replaces it.
@@ -297,9 +305,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                  "model.llm": common1["model.llm"], "model.projector": s1_model.projector,
                  "model.vision_feature_layer": s1_model.vision_feature_layer,
                  "output_dir": str(out / "ablation-no-stage1")}
-    main_threads, side_threads = split_threads(torch.get_num_threads())
+    main_threads, side_threads = machine.main_threads, machine.side_threads
     side = None
-    if cfg.ablations and cfg.side_by_side and side_threads:
+    if side_threads:
         with phase("feature cache of the frozen tower"):
             # Built once, before the two stage-2 runs start, so that they do not both build it.
             cache_features_for_config(load_run_config(PRESETS_DIR / "demo-stage2.yaml", no_stage1))
@@ -359,6 +367,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "seed": cfg.seed,
             "precision": precision,
             "compiled": compiled,
+            # Every choice taken from the machine, with its reason and the time estimate.
+            "machine_plan": machine.to_dict(),
             "stage2_steps": steps2,
             "config": asdict(cfg),
             "accuracy": {k: round(g.accuracy, 4) for k, g in results.items()},
@@ -379,7 +389,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "model_dir": str(final),
         }
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
-        report["targets"] = check_targets(report, cfg.time_budget_s)
+        report["targets"] = check_targets(report, cfg.time_budget_s, machine.time_target_applies,
+                                          machine.time_target_why)
         write_report(out, report, runs, {k: g.samples for k, g in results.items()}, recall_samples)
         # The checkpoints were there for a resume; with the report written, nothing is left to resume
         # (they were as large as everything else in OUT together).

@@ -17,14 +17,17 @@ TEXT_ONLY_MARGIN = 0.05  # text only may beat the majority answer by at most thi
 IMAGE_GAP_TARGET = 0.20  # full must beat text only by at least this
 
 
-def check_targets(report: dict, time_budget_s: float) -> dict[str, dict]:
-    """Each target with its bar, the measured value and whether it was met."""
+def check_targets(report: dict, time_budget_s: float, time_applies: bool = True, time_why: str = "") -> dict[str, dict]:
+    """Each target with its bar, the measured value and whether it was met (None: not judged).
+
+    The time budget is judged only where it applies (``time_applies``: a CPU with native bf16),
+    and never for a resumed run, which timed only its last part."""
     acc = report["accuracy"]
     total = report["timings"]["total_s"]
+    skip = "a resumed run" if report.get("resumed") else None if time_applies else time_why or "not this hardware"
     targets = {
-        # A resumed run timed only its last part: its time says nothing of the whole run (None: not judged).
-        "total_s": {"target": f"<= {time_budget_s:g}" + (" (not judged: a resumed run)" if report.get("resumed") else ""),
-                    "value": total, "met": None if report.get("resumed") else total <= time_budget_s},
+        "total_s": {"target": f"<= {time_budget_s:g}" + (f" (not judged: {skip})" if skip else ""),
+                    "value": total, "met": None if skip else total <= time_budget_s, "not_judged": skip},
         "full_accuracy": {"target": f">= {FULL_ACCURACY_TARGET:g}", "value": acc["full"],
                           "met": acc["full"] >= FULL_ACCURACY_TARGET},
     }
@@ -146,6 +149,18 @@ def markdown(report: dict, samples: dict, recall_samples: list) -> str:
     if m:
         lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}"
                   f"{', native bf16' if m['native_bf16'] else ''}."]
+    p = report.get("machine_plan")
+    if p:
+        lines += ["", "What the run chose from this machine:", "",
+                  f"- precision: {p['precision']} ({p['precision_why']})",
+                  f"- compile: {'on' if p['compiled'] else 'off'} ({p['compile_why']})",
+                  f"- Muon's orthogonalisation: {p['orthogonalize_dtype']} ({p['orthogonalize_why']})",
+                  f"- threads: {p['main_threads']} for the main line"
+                  + (f", {p['side_threads']} for the ablation beside it" if p["side_threads"] else ""),
+                  f"- time target: {'applies' if p['time_target_applies'] else 'not judged'} ({p['time_target_why']})"]
+        if p.get("estimate_s") is not None:
+            lines.append(f"- estimated before the run: {p['estimate_s']:.0f} s (a probed stage-2 step: "
+                         f"{p['probe_step_s']:.3f} s); took {report['timings']['total_s']:.0f} s")
     steps = {k: v for k, v in report.get("step_times", {}).items() if v.get("median_step_s") is not None}
     if steps:
         lines += ["", "| run | first step s (with compile) | median step s after it |", "|---|---|---|"]

@@ -23,14 +23,14 @@ from accelerate.utils import DistributedType
 from .. import __version__
 from ..data.dataset import VLDataset, text_settings_for
 from ..files import replace_directory, temp_path, write_jsonl
-from ..hardware import keep_freed_memory, native_bf16_cpu
+from ..hardware import bf16_support, keep_freed_memory
 from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig, TrainConfig
 from .features import AUTOCAST_DTYPES, cached_dataset
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, orthogonalization_dtype
 from .packing import use_packed_attention
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, save_projector,
@@ -148,9 +148,9 @@ class Trainer:
             raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
         if acc.device.type == "cpu":
             keep_freed_memory()  # each step allocates the same activations again (hardware.py)
-        if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and not native_bf16_cpu():
-            log.warning("train.precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and "
-                        "runs several times slower than fp32")
+        if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and not bf16_support()[0]:
+            log.warning("train.precision=bf16, but bf16 is emulated here (%s): it runs several times slower than "
+                        "fp32", bf16_support()[1])
         if _launch_flag("ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
             # accelerate shards with FSDP only on GPUs (and other accelerators); on a CPU it quietly
             # sets up nothing, and every launched process would train alone as "rank 0".
@@ -232,6 +232,9 @@ class Trainer:
         if main:
             cfg.save(self.out / "config.yaml")
             log.info("model: %s", describe(raw, cfg))
+            if t.optimizer == "muon":
+                dtype, why = orthogonalization_dtype(acc.device)
+                log.info("muon: Newton-Schulz orthogonalisation in %s (%s)", str(dtype).removeprefix("torch."), why)
         if t.report_to:
             acc.init_trackers("vistune", config=_flat(cfg.to_dict()))
         metrics = MetricsLog(self.out / METRICS_FILE, resume_step=step if resumed_from else None) if main else None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..hardware import fast_bf16
+from ..hardware import bf16_on
 from .config import SCHEDULERS, ConfigError, RunConfig, TrainConfig
 from .stages import param_groups
 
@@ -53,6 +53,12 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
         gram = x @ x.mT
         x = fma(x, fma(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x if wide else x.mT).to(update.dtype)
+
+
+def orthogonalization_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype of Muon's Newton-Schulz iteration on ``device``: bf16 where it is native, else fp32; and why."""
+    native, why = bf16_on(device)
+    return (torch.bfloat16 if native else torch.float32), why
 
 
 class Muon(torch.optim.Muon):
@@ -93,7 +99,7 @@ class Muon(torch.optim.Muon):
                 by_shape.setdefault(self._stack_key(p), []).append((p, update))
             for items in by_shape.values():
                 shape, device = items[0][0].shape, items[0][0].device
-                dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
+                dtype = orthogonalization_dtype(device)[0]
                 stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1]
                 ortho = orthogonalize(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
                 for i, (p, _) in enumerate(items):

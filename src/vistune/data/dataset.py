@@ -74,8 +74,8 @@ class VLDataset(Dataset):
         self.text = text
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.image_config = image_config
-        # Encoding a record (parse, template, tokenizer) costs ~1 ms; a small set trained for many
-        # epochs (the demo's stage 2: ten) pays it again each epoch, ~3 % of a CPU step.
+        # Encoding a record (parse, template, tokenizer) is not free; a small set trained for many
+        # epochs pays it again each epoch, a visible share of a small model's CPU step.
         self._tokens: dict[int, EncodedRecord] | None = {} if cache_tokens else None
 
     def __len__(self) -> int:

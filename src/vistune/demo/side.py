@@ -3,9 +3,8 @@
 Stage 0's vision encoder pretrains on one thread beside the LM pretraining (`SideCall`). The
 no-stage-1 ablation (`SideRun`) needs nothing the full pipeline makes after stage 0, so on a
 machine with two cores it trains on the second one while stages 1 and 2 train on the
-first. A small model's step gains little from a second thread (the quick demo's
-stage-2 step: 1.33x at two threads against one), while two runs side by side, one
-thread each, get close to twice the work done.
+first. A small model's step gains little from a second thread, while two runs side by
+side, one thread each, get close to twice the work done.
 
 Each run uses a fixed number of threads, so the numbers stay the same from run to
 run. The side work's progress bar is drawn by this process, one line under the main

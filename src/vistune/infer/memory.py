@@ -3,10 +3,9 @@
 PyTorch allocates CPU tensors with plain malloc. glibc serves blocks of a few MB
 with fresh mmap pages, or returns the top of its heap to the OS as soon as enough
 is free, so a batch's activations (a (8, 87, 1024) MLP tensor is 2.8 MB) come back
-as new pages at every layer of every prefill, each page faulting on first touch:
-measured 8,200 page faults and ~10 % of a batch-8 prefill on this CPU, none at
-batch 1, whose tensors stay small. An inference process reuses the same sizes step
-after step, so it keeps them, as jemalloc or tcmalloc would: blocks up to 32 MB come
+as new pages at every layer of every prefill, each page faulting on first touch (a
+visible share of a batched prefill's time; batch 1's tensors stay small). An
+inference process reuses the same sizes step after step, so it keeps them, as jemalloc or tcmalloc would: blocks up to 32 MB come
 from the heap, and up to 256 MB of free heap stays mapped.
 """
 from __future__ import annotations

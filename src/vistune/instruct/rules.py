@@ -187,7 +187,7 @@ def describe(ann: ImageAnnotation, rng: random.Random) -> str:
     ])
     # No opening like "There are four ...": that is how a count answer begins ("There are four
     # objects."), and a model that met both would answer "describe the image" with the count
-    # sentence and stop (object recall 2 % on seed 1, docs/demo.md)
+    # sentence and stop
     parts = [head]
     for i, b in enumerate(boxes):
         loc = location_phrase(b, ann.width, ann.height)
@@ -265,7 +265,7 @@ def referring(ann: ImageAnnotation, rng: random.Random, max_turns: int = 6) -> l
     that names it is the token it is reading, within a couple of hundred steps; reading the
     name from a question several tokens back, as a one-word answer needs, it does not learn
     in the demo's budget. Training on both, the lookup learnt here carries over to the
-    one-word answers (docs/demo.md).
+    one-word answers.
     """
     boxes = _attrs(ann)
     unique_shape, unique_color = _unique_by(boxes, "shape"), _unique_by(boxes, "color")

@@ -132,9 +132,7 @@ def phrase(b: Box, rng: random.Random, with_size: bool = False) -> str:
 
     Text that always says the colour first only ever asks a model to find an object by its colour
     and then name its shape. The reverse lookup (the colour of the circle) and the conjunction
-    behind "is there a red circle?" then never formed in the demo's LM: after 1200 stage-2 steps,
-    colour by shape 67 % and existence 54 %; with captions in both orders, 96 % and 82 %
-    (docs/demo.md).
+    behind "is there a red circle?" then never formed in the demo's LM.
     """
     return rng.choice(phrasings(b, with_size))
 

@@ -1,13 +1,13 @@
 """The decoder's last layer, computed only at the positions the loss reads.
 
 A training loss reads the last hidden state only where the next token is supervised
-(the assistant's replies): 6.5 % of a demo stage-2 batch's positions. Every other
+(the assistant's replies), often a small share of a batch's positions. Every other
 position of the last layer (its query, attention row, output projection and MLP)
 feeds nothing, as that layer's keys and values are all a later layer would need and
 there is none. So the decoder runs all layers but the last in full, and the last one
 for the supervised rows only, beside the keys and values of every position. The loss
-and its gradients are those of the full stack (up to rounding). The demo's 4-layer
-LM trains 1.15x faster per step (benchmarks/train_step.py); the gain shrinks with
+and its gradients are those of the full stack (up to rounding). It pays on shallow
+LMs with short replies (measured: docs/benchmarks.md); the gain shrinks with
 depth (at most one layer's work) and with long replies.
 
 Written for the decoder layout that Llama, Mistral and Qwen2 share in transformers

@@ -197,9 +197,9 @@ def causal_training_mask(attention_mask: torch.Tensor | None, attn_implementatio
     them padding, and padded positions carry no loss: the causal mask gives the loss and
     its gradients bit for bit. Eager attention gets it as one prepared (1, 1, L, L) float
     mask, which compiled attention reads instead of rebuilding it from the padding mask
-    element by element (the demo's compiled stage-2 step: 0.277 -> 0.251 s,
-    docs/demo.md); SDPA gets none, and takes its causal kernel. Other masks (left
-    padding, other attention implementations) pass unchanged.
+    element by element (a cost on every step; measured: docs/benchmarks.md); SDPA gets
+    none, and takes its causal kernel. Other masks (left padding, other attention
+    implementations) pass unchanged.
     """
     if attention_mask is None or attention_mask.dim() != 2 or attn_implementation not in ("eager", "sdpa"):
         return attention_mask

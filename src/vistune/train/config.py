@@ -86,7 +86,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     # wsd (warmup-stable-decay): the peak rate until the last decay_ratio of the steps, then linear to 0.
-    # A rate held high lets late-forming circuits form; the short decay still anneals (docs/demo.md).
+    # A rate held high lets late-forming circuits form; the short decay still anneals.
     decay_ratio: float = 0.2
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | muon (Muon on the linear layers' matrices, AdamW on the rest)
@@ -99,8 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # torch.compile (inductor) on the LM's decoder layers, one graph for all layers of one class.
     # Small models on a CPU spend much of a step in per-op overhead that compiling fuses away; the
-    # first step pays the compile (under a minute for the demo's LM with an empty cache, 1.4x faster
-    # steps after it: benchmarks/train_compile.py, benchmarks/compile_time.py).
+    # first step pays the compile (measured: docs/benchmarks.md).
     compile: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0: no intermediate checkpoints
     keep_last: int = 2

@@ -3,9 +3,8 @@
 Muon (``torch.optim.Muon``) orthogonalises each matrix's momentum before the step, so
 every direction of an update moves the weights by the same amount, however small its
 gradient. Circuits whose gradient starts small (an attention head that has to find
-the object a question names among the image tokens) then form sooner: in the demo it
-turned a stage 2 that never learnt to read colours (seed 1) into one that does
-(docs/demo.md). Muon is defined for matrices only, and its authors keep embeddings,
+the object a question names among the image tokens) then form sooner, and on seeds
+where AdamW's never formed. Muon is defined for matrices only, and its authors keep embeddings,
 the output head, norms and biases on AdamW, which is what this module does.
 """
 from __future__ import annotations
@@ -64,8 +63,8 @@ def orthogonalization_dtype(device: torch.device) -> tuple[torch.dtype, str]:
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with its Newton-Schulz iteration in bf16 only where bf16 is native.
 
-    torch always iterates in bf16. A CPU without AVX512-BF16 or AMX emulates that, and the
-    demo's stage 2 then spent 22 s per step in the optimizer instead of 0.6 s in fp32. The
+    torch always iterates in bf16. A CPU without AVX512-BF16 or AMX emulates that, many
+    times slower than fp32. The
     update rule, the state (``momentum_buffer``) and the groups' keys are torch's, so a
     checkpoint is the same either way. Only ``adjust_lr_fn="match_rms_adamw"`` is supported.
     """
@@ -85,7 +84,7 @@ class Muon(torch.optim.Muon):
             lr, momentum = group["lr"], group["momentum"]
             # Matrices of one shape are orthogonalised together, as one stack: a small model has
             # dozens of them (q, k, v, o, the MLP's per layer), and one batched matmul per
-            # iteration costs less than one per matrix (the demo's Muon step: 32 -> 26 ms, docs/demo.md).
+            # iteration costs less than one per matrix.
             by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:

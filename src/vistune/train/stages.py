@@ -171,8 +171,8 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
 
     Regional: each of the decoder's repeated layers is compiled on its own, and layers of
     one class share one compiled graph, so a deep LM compiles one layer's worth instead of
-    its whole unrolled stack (a 16-layer LM of the demo's width: 51 s instead of 157 s, its
-    steps 3 % slower without the fusions across layers; benchmarks/compile_time.py).
+    its whole unrolled stack, at the price of the fusions across layers (measured:
+    benchmarks/compile_time.py).
     Only the decoder: the splice of image tokens and the loss have data-dependent shapes
     that would break the graph. ``Module.compile`` keeps the modules and their state-dict
     keys, so checkpoints and the saved model are those of an uncompiled run. A decoder
@@ -181,7 +181,7 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     Dynamic shapes from the start: batches vary in length, and a static first graph would
     be compiled again as a dynamic one. On a CPU, SDPA gives way to eager attention, whose
     matmuls and softmax inductor fuses, where SDPA's CPU kernel is one opaque op to it
-    (the demo's stage 2: 0.226 s per step instead of 0.245). The loss path's last layer at
+    (so small CPU steps run faster). The loss path's last layer at
     the supervised rows (``model.last_layer_at_rows``) is compiled too.
     Returns the attention implementation it replaced (to restore before saving), or None.
     """

@@ -1,9 +1,8 @@
 """What the machine computes fast: bf16 is native on some CPUs and emulated on others.
 
-An emulated bf16 matmul is not a little slower, it is dozens of times slower: Muon's
-orthogonalisation of the demo LM's 28 matrices takes 22 s per step in bf16 on an AVX2-only
-EPYC (Zen 3) and 0.6 s in fp32, where an EPYC with AVX512-BF16 runs the bf16 version in
-0.13 s. So every choice of bf16 on a CPU asks this module first.
+An emulated bf16 matmul is not a little slower, it is dozens of times slower (Muon's bf16
+orthogonalisation on an AVX2-only CPU, for one). So every choice of bf16 on a CPU asks this
+module first, and says why it chose what it did.
 
 This module imports nothing from vistune, so every layer may use it.
 """
@@ -31,8 +30,8 @@ def cpu_name() -> str:
 def describe_machine() -> dict:
     """What a timing depends on: the CPU, its cores, torch's threads and version, native bf16.
 
-    Machines of one CPU model name ran the same demo 1.5x apart (docs/demo.md), so a time
-    is reported with the machine it was measured on.
+    Machines of one CPU model name differ in speed, so a time is reported with the machine it
+    was measured on.
     """
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "native_bf16": native_bf16_cpu()}
@@ -129,9 +128,8 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse (a CPU training run).
 
     By default glibc hands large blocks back to the OS when they are freed, and a training
-    step that allocates the same activations again page-faults every page of them in anew:
-    the demo's stage-2 step spent 5-9 % of its time so (0.249 -> 0.226-0.235 s, docs/demo.md). The
-    effect is the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment,
+    step that allocates the same activations again page-faults every page of them in anew, a
+    visible share of a small model's CPU step (docs/benchmarks.md). The effect is the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment,
     for this process, from now on; memory the process already holds stays with it instead of
     going back to the OS. Returns whether it applied (not on other C libraries).
     """

@@ -44,9 +44,8 @@ Progress = Callable[[int, float], None]  # (step, loss)
 class VisionPretrainConfig:
     image_size: int = 64
     # ResNet stages: the stem divides the size by 4, each stage after the first by 2, so two
-    # stages give an 8 x 8 map (64 tokens) at 64 px. At 4 x 4 (three stages) a small object
-    # shared its cell with its neighbours' edges: a linear probe read an object's shape from
-    # the cell at its centre 77 % of the time, 98 % at 8 x 8 (docs/demo.md).
+    # stages give an 8 x 8 map (64 tokens) at 64 px. At 4 x 4 a small object shares its cell with
+    # its neighbours' edges, and the cell no longer tells its shape.
     widths: tuple[int, ...] = (48, 96)
     embed_dim: int = 128
     steps: int = 200
@@ -60,24 +59,20 @@ class VisionPretrainConfig:
 
 @dataclass
 class LMPretrainConfig:
-    # 192 wide: on a CPU without native bf16 (an AVX2 EPYC) the 256-wide LM made the demo take
-    # 1022 s; 192 wide with 6 heads of 32 gave the same held-out accuracy (65.5 %) in ~60 % of
-    # the time per stage-2 step (docs/demo.md). Heads of 32 dims: 8 of 32 beat 4 of 64 at 256 wide.
+    # 192 wide, 6 heads of 32: as accurate as 256 wide at a lower cost per stage-2 step.
     hidden_size: int = 192
     layers: int = 4
     heads: int = 6
     kv_heads: int = 6
     intermediate_size: int = 576
     max_positions: int = 512
-    # 50 steps: the whole pipeline gave 65.5 % after them (192 wide, one thread), as it did after
-    # 100 at 256 wide (docs/demo.md). The world's formulaic text gives the LM its words and formats,
-    # not the lookups stage 2 has to learn.
+    # A short pretraining: the world's formulaic text gives the LM its words and formats, not the
+    # lookups stage 2 has to learn.
     steps: int = 50
     # Word embeddings start ten times larger than transformers' default (std 0.02): rows ~2.9 long at
     # 192 wide, near the projected image tokens' ~4.5 instead of 0.29. Small words are likely drowned
     # at their own positions by what the first layers mix in from the loud image tokens; the lookups
-    # stage 2 teaches ("the colour of the triangle") then formed on some seeds only. The full
-    # pipeline gave 80.7 % over five seeds at 0.02, 87.4 % at 0.21 (docs/demo.md).
+    # stage 2 teaches ("the colour of the triangle") then formed on some seeds only.
     embed_std: float = 0.21
     batch_size: int = 32
     seq_len: int = 128
@@ -316,9 +311,8 @@ def resolve_precision(precision: str) -> str:
 
 def resolve_compile(setting: str, precision: str) -> bool:
     """``auto`` -> compile a bf16 run where inductor can build CPU kernels (a C++ compiler,
-    Python's headers). Only bf16: a demo-shaped fp32 step ran no faster compiled (0.99x at one
-    thread, `benchmarks/train_compile.py --precision fp32`), so there the compile's ~45 s
-    would be lost."""
+    Python's headers). Only bf16: a demo-shaped fp32 step runs no faster compiled
+    (`benchmarks/train_compile.py --precision fp32`), so there the compile would be lost."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {setting!r}")
     return precision == "bf16" and can_compile_cpu() if setting == "auto" else setting == "on"

@@ -23,8 +23,8 @@ from .side import split_threads
 # recipe takes what the hardware needs, and the time is reported, not judged.
 TIME_TARGET_HARDWARE = "CPUs with AVX512-BF16 or AMX"
 
-# Whole-run seconds per probed stage-2 step and stage-2 step count, fitted to full demo runs
-# (stage 0, the evaluation and the side-by-side ablation included): see docs/demo.md.
+# Whole-run seconds per probed stage-2 step and stage-2 step, fitted to full demo runs (stage 0, the
+# evaluation and the side-by-side ablation included): the demo's estimate is rough, not a promise.
 _RUN_PER_PROBE = {True: 1.25, False: 1.25}  # keyed by whether stage 2 is compiled
 
 PROBE_TOKENS = 192  # a stage-2 sample's typical length: 64 visual tokens and the text of a short answer

@@ -45,27 +45,21 @@ from .side import SideCall, SideRun, train_preset
 class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
-    # Stage 2 reads its records ~5 times at 4000 scenes, ~10 at 2000: with 2000 the model learnt the
-    # training scenes' answers (final loss ~0.05) and five seeds gave 89.96 % held out (88.9-90.5 %); with
-    # 4000, 91.25 % (91.0-91.5 %), every seed higher. 8000 (seed 0) gave 89.6 % (docs/demo.md).
+    # Enough distinct scenes that stage 2 reads each record a few times, not enough to learn their answers.
     train_images: int = 4000
     heldout_images: int = 200
     vocab_size: int = 1024
     # Stage 2's records per training image, by kind: LLaVA-1.5's recipe in miniature, short-answer
     # VQA with its format prompt beside a share of LLaVA-Instruct's three kinds. Detailed
-    # descriptions are long, so a small share of records is a large share of the loss: at 0.2
-    # the demo's accuracy fell from 58 % to 47 % (docs/demo.md).
+    # descriptions are long, so a small share of records is a large share of the loss.
     instruct_mix: dict[str, float] = field(default_factory=lambda: {
         "vqa": 1.0, "conversation": 0.1, "detail": 0.1, "reasoning": 0.1})
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     stage1_steps: int = 30  # stage 1 barely matters at this scale (no stage 1: as good)
-    # With AdamW, smaller batches paid (8 x 600: 64.0 %, 16 x 300: 60.0 %). With Muon (the preset's
-    # optimizer) 16 x 300 matches 8 x 600 (65.2 % on average over seeds 0 and 1) and runs Muon's
-    # orthogonalisation half as often. Batches of 14, not 16: on a CPU without native bf16 the
-    # demo took 599 s at 16, with no margin under its 600 s (docs/demo.md).
-    # The lookups form late (near step 750): fewer steps cost accuracy. The same count on every machine,
-    # so that every CPU trains the same model; a CPU without native bf16 takes longer.
+    # Batches of 14: with Muon, larger batches match smaller ones at half the orthogonalisations.
+    # The lookups form late: fewer steps cost accuracy. The same count on every machine, so that
+    # every CPU trains the same model; a CPU without native bf16 takes longer.
     stage2_steps: int = 1800
     stage2_batch: int = 14
     stage2_lr: float | None = None  # None: the preset's (configs/demo-stage2.yaml)
@@ -74,20 +68,16 @@ class DemoConfig:
     ablations: bool = True
     threads: int = 0  # 0: torch's default
     # With two threads or more, the no-stage-1 ablation trains in a second process beside stages 1
-    # and 2, each run on half the threads: the quick demo's stage 2 and its ablation took 129 + 137 s
-    # one after the other at two threads (docs/demo.md); stage 0's vision encoder (one thread) trains
-    # beside the LM pretraining. Off: one run after the other, all threads (the encoder still one).
+    # and 2, each on half the threads: a small model's step gains little from a second thread. Stage 0's
+    # vision encoder (one thread) trains beside the LM pretraining. Off: one run after the other.
     side_by_side: bool = True
-    # Of vision pretraining, stage 1 and stage 2 (auto: bf16 where the CPU has it natively). With
-    # AdamW, bf16 cost seeds 0 and 1 their colour lookup (64.1 vs 65.5 %, 50.3 vs 53.6 %); with Muon
-    # the lookup forms either way (seed 1: 63.1 % in bf16), and bf16 pays for Muon's time
-    # (docs/demo.md). The stage-0 LM has its own setting (LMPretrainConfig.precision).
+    # Of vision pretraining, stage 1 and stage 2 (auto: bf16 where the CPU has it natively, else fp32:
+    # emulated bf16 is many times slower). The stage-0 LM has its own setting (LMPretrainConfig.precision).
     precision: str = "auto"
     # torch.compile of stage 2's LM (and its ablation's): auto = in bf16, where inductor can build
-    # CPU kernels (a C++ compiler, Python's headers). A bf16 stage-2 step then ran ~1.4x faster; an
-    # fp32 one no faster (docs/demo.md).
+    # CPU kernels (a C++ compiler, Python's headers); an fp32 step of this size gains nothing from it.
     compile: str = "auto"
-    time_budget_s: float = 600.0  # issue 5's target, reported as met or not
+    time_budget_s: float = 600.0  # judged on CPUs with native bf16 only (demo/machine.py)
     # Stage 2 and its ablation save a checkpoint every so many steps (0: none), so that an interrupted
     # demo continues with `resume` instead of starting again; saving does not change the numbers.
     checkpoint_every: int = 300
@@ -99,22 +89,18 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
-        # Two minutes buy few updates, so the quick LM is narrow and shallow (a 2-layer, 128-wide
-        # step costs a quarter of the default's) and takes a higher rate: 480 steps of batch 8 at
-        # 1e-3 gave 58.6 % held out against 36.7 % text only, where the default LM's 60 steps of
-        # 16 answered "small" to everything (12.8 %). The three LLaVA-Instruct kinds keep a
-        # token share (docs/demo.md).
+        # Two minutes buy few updates, so the quick LM is narrow and shallow and takes a higher rate.
+        # The three LLaVA-Instruct kinds keep a token share.
         base = cls(
             train_images=800, heldout_images=80, vocab_size=768,
             instruct_mix={"vqa": 1.0, "conversation": 0.05, "detail": 0.05, "reasoning": 0.05},
             vision=VisionPretrainConfig(steps=60),
-            # transformers' embedding scale: the default's louder words (embed_std 0.21) gave the quick LM
-            # 62.6 % against 42.7 % text only, 19.9 points, where 0.02 gives 65.3 / 13.0 % (docs/demo.md)
+            # transformers' embedding scale: over few steps, louder words let text only come too close to the full run
             lm=LMPretrainConfig(hidden_size=128, layers=2, heads=4, kv_heads=4, intermediate_size=512, steps=60,
                               batch_size=16, embed_std=0.02),
             stage1_steps=20, stage2_steps=480, stage2_batch=8, stage2_lr=1e-3, stage2_muon_lr=1e-3,
             recall_images=16, precision="fp32",
-            # A compile costs ~50 s per process with an empty cache: too much of two minutes.
+            # A compile with an empty cache costs too much of two minutes.
             compile="off", time_budget_s=120.0,
         )
         return replace(base, **kw)
@@ -205,10 +191,8 @@ def _threads(n: int) -> Iterator[None]:
 def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: VisionPretrainConfig,
                          lm_cfg: LMPretrainConfig, side_by_side: bool) -> None:
     """Stage 0's two models. The vision encoder always trains on one thread: its convolutions sum in
-    an order that depends on the thread count, and every later number moves with the encoder (seed 0:
-    89.4 % held out with the encoder of two threads, 91.4 % with that of one; seed 1: 91.7 / 91.5 %;
-    docs/demo.md), so one thread gives every machine the same encoder. With a
-    core to spare it trains beside the LM pretraining, which gives the same weights on any number of
+    an order that depends on the thread count, and every later number moves with the encoder, so one
+    thread gives every machine the same encoder. With a core to spare it trains beside the LM pretraining, which gives the same weights on any number of
     threads and takes the rest: no slower than the two one after the other on two threads."""
     threads = torch.get_num_threads()
     vision_args = (tok, foundation / "vision", vis_cfg)
@@ -382,7 +366,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "timings": {**phase.timings},
             "resumed": cfg.resume,  # then the timings are those of the resumed part only
             "resumed_from": {k: str(r.resumed_from) for k, r in runs.items() if r.resumed_from is not None},
-            # Machines of one CPU name ran the same work 1.5x apart: the time targets need them.
+            # Machines of one CPU name differ in speed: a time means little without its machine.
             "machine": describe_machine(),
             "step_times": {k: step_times(r.metrics_path) for k, r in runs.items()},
             "ablation_side_by_side": side is not None,

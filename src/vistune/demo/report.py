@@ -11,7 +11,7 @@ LABELS = {"full": "full pipeline", "no_stage1": "no stage 1", "stage1_only": "st
           "text_only": "text only (blank image)"}
 
 
-# Issue 5's targets: the demo reports its own standing against them.
+# The demo's targets: it reports its own standing against them.
 FULL_ACCURACY_TARGET = 0.90
 TEXT_ONLY_MARGIN = 0.05  # text only may beat the majority answer by at most this
 IMAGE_GAP_TARGET = 0.20  # full must beat text only by at least this

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from tolerances import assert_trained_alike
 from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noqa: F401
 from vistune.model.checkpoint import load_model
 from vistune.train import run
@@ -240,5 +241,6 @@ def test_compile_trains_the_same_model_through_a_compiled_decoder(tiny_data, bas
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     ref, compiled = load_model(ref_dir)[0].state_dict(), load_model(model_dir)[0].state_dict()
     assert compiled.keys() == ref.keys()  # saved as an uncompiled model: no _orig_mod. prefixes
-    for k, v in ref.items():
-        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5)
+    # The compiled kernels sum in another order, and Adam turns that into up to 2 x lr per step
+    # where a gradient is tiny (tests/tolerances.py): 3 steps at the fixture's lr of 1e-3.
+    assert_trained_alike(compiled, ref, lr=1e-3, steps=3)

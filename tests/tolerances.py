@@ -1,0 +1,51 @@
+"""Bounds for comparing two computations that are equal in exact arithmetic but round differently.
+
+CPU kernels sum in an order that depends on the ISA (AMX, AVX-512, AVX2, plain), the thread count
+and the kernel chosen, so two code paths, or one path on two machines, agree only up to rounding.
+Every bound here follows from the dtype's unit roundoff and the shape of the computation, not from
+what one machine happened to give, and a test says in a line which one applies and why.
+
+- ``reordered``: values computed through ``depth`` layers of sums of ``terms`` products each, in
+  another order. A reordered sum of n terms moves by at most (n-1)·u·Σ|x| (u = eps/2); rounding
+  errors are random in practice and grow as √n (Higham, Accuracy and Stability of Numerical
+  Algorithms, §3.1). We allow 8·√n·eps per layer, relative to the values' scale, layers adding up.
+- ``adam_trained``: weights that two runs trained with Adam(W) from the same start, their gradients
+  reordered. Adam's step is lr·m/(√v+ε), about ±lr wherever a gradient is tiny, so a rounding-sized
+  change there can move a weight by up to 2·lr per step: elementwise, only that is guaranteed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def eps(dtype: torch.dtype = torch.float32) -> float:
+    return torch.finfo(dtype).eps
+
+
+def reordered(dtype: torch.dtype = torch.float32, terms: int = 256, depth: int = 1, scale: float = 1.0) -> dict:
+    """``rtol``/``atol`` for ``torch.testing.assert_close`` (and ``rel``/``abs`` for pytest.approx via
+    ``approx``) of values of about ``scale`` from ``depth`` layers of ``terms``-term sums."""
+    tol = 8 * depth * math.sqrt(terms) * eps(dtype)
+    return {"rtol": tol, "atol": tol * scale}
+
+
+def approx(tol: dict) -> dict:
+    """A ``reordered`` bound as pytest.approx's keywords."""
+    return {"rel": tol["rtol"], "abs": tol["atol"]}
+
+
+def adam_trained(lr: float, steps: int) -> dict:
+    """``rtol``/``atol`` for weights two runs trained with Adam(W) for ``steps`` steps at rate ``lr``."""
+    return {"rtol": 0.0, "atol": 2 * lr * steps}
+
+
+def assert_trained_alike(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], lr: float, steps: int) -> None:
+    """Two runs' state dicts: every weight within Adam's elementwise bound, and the two agree far more
+    closely overall (a relative Frobenius norm of 1e-3: a wrong update in a whole tensor fails it)."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, **adam_trained(lr, steps), msg=k)
+        diff, norm = (got[k].double() - v.double()).norm(), v.double().norm()
+        assert diff <= 1e-3 * norm + 2 * lr * steps, (k, float(diff), float(norm))

@@ -10,6 +10,7 @@ from vistune.data.collate import PadCollator
 from vistune.model import last_layer
 from vistune.model.vlm import IGNORE_INDEX, causal_training_mask
 from test_vlm import sample
+from tolerances import TINY_BACKWARD, TINY_FORWARD, TINY_TERMS, assert_grads_reordered, assert_reordered
 
 LAYOUTS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -47,7 +48,9 @@ def test_the_rows_get_the_full_stacks_hidden_states(kind, impl):
     supervised = labels[:, 1:].gather(1, rows) != IGNORE_INDEX
     assert int(supervised.sum()) == int((labels[:, 1:] != IGNORE_INDEX).sum())
     want = full.gather(1, rows[..., None].expand(-1, -1, 48))
-    torch.testing.assert_close(got[supervised], want[supervised], rtol=1e-6, atol=1e-6)
+    # The last layer alone at the rows, summed in another blocking than the whole stack's; fp64, but
+    # transformers computes the rotary angles in fp32, so fp32's bound.
+    assert_reordered(got[supervised], want[supervised], TINY_TERMS, TINY_FORWARD, dtype=torch.float32)
 
 
 def test_supervised_rows_lists_each_rows_positions_in_order():
@@ -105,12 +108,10 @@ def test_the_training_loss_and_gradients_are_the_full_stacks(tokenizer, monkeypa
     assert calls == [1]  # the first pass took the rows path, the second the whole stack
     (rows_loss, rows_n, rows_grads), (full_loss, full_n, full_grads) = results
     assert rows_n == full_n == int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) > 0
-    torch.testing.assert_close(rows_loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert_reordered(rows_loss, full_loss, TINY_TERMS, TINY_FORWARD)  # the same sums in another blocking
     assert [g is None for g in rows_grads] == [g is None for g in full_grads]
     assert sum(g is not None for g in rows_grads) > 0
-    for a, c in zip(rows_grads, full_grads):
-        if a is not None:
-            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    assert_grads_reordered(rows_grads, full_grads, TINY_TERMS, TINY_BACKWARD)
 
 
 def test_left_padding_and_unsupervised_batches_take_the_whole_stack(tiny_model):

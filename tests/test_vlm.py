@@ -9,6 +9,7 @@ from vistune.model.projector import build_projector
 from vistune.model.vlm import IGNORE_INDEX, ImageTokenMismatch, causal_lm_loss, causal_training_mask
 from vistune.model.tiny import tiny_text_config, tiny_vision_config
 from vistune.text.encode import encode_conversation
+from tolerances import TINY_BACKWARD, TINY_FORWARD, TINY_TERMS, assert_grads_reordered, assert_reordered
 
 
 def sample(model, tok, text, n_images, seed=0, reply="The circle is red."):
@@ -89,7 +90,8 @@ def test_left_and_right_padding_give_same_logits(tiny_model):
     for row in range(2):
         l = outs["left"][0][row][outs["left"][1][row]]
         r = outs["right"][0][row][outs["right"][1][row]]
-        torch.testing.assert_close(l, r, atol=1e-5, rtol=1e-4)
+        # The same sums over the same tokens; padding moves them and so the kernels' blocking.
+        assert_reordered(l, r, TINY_TERMS, TINY_FORWARD)
 
 
 def test_padding_and_images_never_supervised(tiny_model):
@@ -108,7 +110,7 @@ def test_fast_loss_equals_full_logits_loss(tiny_model):
         full = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
     ref, n = causal_lm_loss(full.logits, b["labels"])
     assert fast.num_supervised == n > 0
-    torch.testing.assert_close(fast.loss, ref, atol=1e-5, rtol=1e-5)
+    assert_reordered(fast.loss, ref, TINY_TERMS, TINY_FORWARD)  # the head at the supervised rows only: other blocking
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -128,10 +130,10 @@ def test_a_right_padded_training_batch_gets_the_padding_masks_loss_and_gradients
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in params if p.grad is not None]))
     (fast, g_fast), (full, g_full) = results
-    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    # The padding dropped from the mask changes which kernel sums, not what: forward and backward bounds.
+    assert_reordered(fast, full, TINY_TERMS, TINY_FORWARD)
     assert len(g_fast) == len(g_full) > 0
-    for a, c in zip(g_fast, g_full):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    assert_grads_reordered(g_fast, g_full, TINY_TERMS, TINY_BACKWARD)
 
 
 def test_causal_training_mask_only_replaces_right_padding_for_eager_and_sdpa():
@@ -206,4 +208,4 @@ def test_a_sliding_window_shorter_than_the_batch_is_kept_in_the_training_loss(to
     with torch.no_grad():
         fast = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"])
         full = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
-    torch.testing.assert_close(fast.loss, causal_lm_loss(full.logits, b["labels"])[0], atol=1e-5, rtol=1e-5)
+    assert_reordered(fast.loss, causal_lm_loss(full.logits, b["labels"])[0], TINY_TERMS, TINY_FORWARD)  # as above

@@ -31,6 +31,33 @@ def reordered(dtype: torch.dtype = torch.float32, terms: int = 256, depth: int =
     return {"rtol": tol, "atol": tol * scale}
 
 
+def assert_reordered(got: torch.Tensor, want: torch.Tensor, terms: int = 256, depth: int = 1,
+                     scale: float | None = None, dtype: torch.dtype | None = None) -> None:
+    """``got`` and ``want``, the same values computed in another order: each within ``tol`` of itself and
+    ``tol`` of ``scale`` (default: the tensor's largest value). Rounding scales with the terms summed,
+    not with the result: where a result cancels (a gradient near zero), pass the scale of its terms.
+    ``dtype``: the least precise one the computation passes through (default: the result's)."""
+    tol = reordered(dtype or want.dtype, terms, depth)["rtol"]
+    scale = float(want.detach().abs().max()) if scale is None else scale
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+def assert_grads_reordered(got: list, want: list, terms: int = 256, depth: int = 1) -> None:
+    """Two backward passes' gradients (None where a parameter got none), each within the bound of
+    ``assert_reordered`` at the scale of the largest gradient: one parameter's gradient may cancel to
+    near zero, its terms being as large as any other's."""
+    assert [g is None for g in got] == [g is None for g in want]
+    scale = max(float(g.detach().abs().max()) for g in want if g is not None)
+    for a, b in zip(got, want):
+        if b is not None:
+            assert_reordered(a, b, terms, depth, scale=scale)
+
+
+# The suite's tiny models (vistune.model.tiny): two CLIP blocks, a projector, two decoder blocks and
+# a head, no sum longer than 256 terms; a forward is about six such layers deep, a backward twice that.
+TINY_TERMS, TINY_FORWARD, TINY_BACKWARD = 256, 6, 12
+
+
 def approx(tol: dict) -> dict:
     """A ``reordered`` bound as pytest.approx's keywords."""
     return {"rel": tol["rtol"], "abs": tol["atol"]}

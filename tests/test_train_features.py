@@ -11,6 +11,7 @@ from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noq
 from vistune.model.checkpoint import load_model
 from vistune.train import run
 from vistune.train.features import FeatureCache, cache_features_for_config, ensure_cache, read_index, storage_dtype
+from tolerances import trained_losses
 
 
 def losses(r):
@@ -22,7 +23,8 @@ def test_training_from_cached_features_equals_training_from_pixels(tiny_data, ba
     plain = run(tiny_config(tiny_data, tmp_path / "pixels", common, stage=1))
     cfg = tiny_config(tiny_data, tmp_path / "cached", {**common, "data.feature_cache": str(tmp_path / "fc")}, stage=1)
     cached = run(cfg)
-    assert losses(cached) == pytest.approx(losses(plain), rel=1e-5)
+    # The cached features are the tower's own outputs, batched otherwise: a reordered forward per step.
+    assert losses(cached) == pytest.approx(losses(plain), **trained_losses(3))
     index = read_index(tmp_path / "fc")
     assert index["num_records"] == 24 and index["num_images"] == 24 and index["num_tokens"] == 16
     shard = tmp_path / "fc" / index["records"]["0"]

@@ -14,6 +14,7 @@ from vistune.model.checkpoint import load_model
 from vistune.train.optim import (Muon, MuonAdamW, build_optimizer, build_scheduler, muon_matrices,
                                    orthogonalize)
 from vistune.train.stages import apply_modes
+from tolerances import assert_reordered
 
 
 def _names(model, ids):
@@ -173,7 +174,8 @@ def test_orthogonalize_of_a_stack_is_each_matrix_orthogonalised_alone():
         stacked = orthogonalize(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
         for i in range(shape[0]):
             alone = orthogonalize(g[i], (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
-            torch.testing.assert_close(stacked[i], alone, atol=1e-5, rtol=1e-5)
+            # baddbmm against addmm: five iterations of two 48-term products each, summed in other blocks.
+            assert_reordered(stacked[i], alone, terms=48, depth=10)
 
 
 def test_muon_refuses_another_rate_scaling():

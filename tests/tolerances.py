@@ -58,6 +58,13 @@ def assert_grads_reordered(got: list, want: list, terms: int = 256, depth: int =
 TINY_TERMS, TINY_FORWARD, TINY_BACKWARD = 256, 6, 12
 
 
+def trained_losses(steps: int, terms: int = TINY_TERMS, depth: int = TINY_FORWARD) -> dict:
+    """pytest.approx keywords for the per-step losses of two runs of ``steps`` steps that sum in other
+    orders: a forward's bound, once more for every update before the step (each moved the weights by a
+    rounding-level amount, bar the few near-zero gradients whose sign it flipped)."""
+    return {"rel": reordered(torch.float32, terms, depth)["rtol"] * (steps + 1), "abs": 0.0}
+
+
 def approx(tol: dict) -> dict:
     """A ``reordered`` bound as pytest.approx's keywords."""
     return {"rel": tol["rtol"], "abs": tol["atol"]}

@@ -70,8 +70,7 @@ def plan(precision: str, compile_setting: str, threads: int, side_by_side: bool,
     ortho, ortho_why = orthogonalization_dtype(torch.device("cpu"))
     main, side = split_threads(threads) if side_by_side and ablations else (threads, 0)
     native, why = bf16_support()
-    target_why = (f"this CPU has native bf16 ({why.removeprefix('the CPU has ')})" if native
-                  else f"it is set for {TIME_TARGET_HARDWARE}; here {why}")
+    target_why = why if native else f"it is set for {TIME_TARGET_HARDWARE}; here {why}"
     return MachinePlan(prec, _precision_why(precision), compiled, _compile_why(compile_setting, prec, compiled),
                        str(ortho).removeprefix("torch."), ortho_why, main, side, native, target_why)
 

@@ -12,6 +12,7 @@ from vistune.cli import main
 from vistune.infer.chat import Chat
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.model.checkpoint import LoadedModel, save_model
+from tolerances import assert_reordered
 
 CFG = GenerationConfig(max_new_tokens=10)
 
@@ -127,8 +128,8 @@ def test_the_last_turn_serves_only_what_matches(tokenizer):
     last = engine.turns.last
     with torch.inference_mode():
         out = engine.lm(input_ids=torch.tensor([last.ids[:1]]), use_cache=True)
-    torch.testing.assert_close(out.past_key_values.layers[0].keys[0, :, 0], last.kv[0][0][0, :, 0],
-                               atol=1e-5, rtol=1e-5)
+    # The first layer's keys: one 64-term projection, computed alone or within a longer prefill.
+    assert_reordered(out.past_key_values.layers[0].keys[0, :, 0], last.kv[0][0][0, :, 0], terms=64, depth=1)
 
 
 def test_session_stream_records_the_reply(engine):

@@ -59,7 +59,7 @@ def test_a_probe_times_a_stage2_step_and_estimates_the_run():
     s = machine.probe_step(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, vocab=64, batch=2,
                            precision="fp32", threads=1, steps=2)
     assert 0 < s < 30
-    assert machine.estimate_run_s(s, 100, compiled=False) > 100 * s  # the rest of the run comes on top of stage 2
+    assert machine.estimate_run_s(s, 100) > 100 * s  # the rest of the run comes on top of stage 2
 
 
 def _report(native: bool, total_s: float = 900.0) -> dict:

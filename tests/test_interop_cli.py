@@ -9,6 +9,7 @@ from conftest import make_model, noise_image
 from interop_helpers import pixels_for, poison, prompt, save_tower, vistune_logits, write_original_llava
 from vistune.cli import main
 from vistune.model.checkpoint import save_model
+from tolerances import TINY_FORWARD, TINY_TERMS, assert_reordered
 
 
 def test_import_original_then_export_llava_hf(tokenizer, tmp_path, capsys):
@@ -27,8 +28,9 @@ def test_import_original_then_export_llava_hf(tokenizer, tmp_path, capsys):
     hf = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
     ids, pix = prompt(ref, tok, template="llava_v1"), pixels_for(ref, noise_image(8))
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pix).logits, vistune_logits(ref, ids, pix),
-                                   atol=1e-5, rtol=0)
+        # transformers' model and vistune's: the same modules, other masks and kernels' blocking.
+        assert_reordered(hf(input_ids=ids, pixel_values=pix).logits, vistune_logits(ref, ids, pix),
+                         TINY_TERMS, TINY_FORWARD)
     assert json.loads((tmp_path / "hf" / "vistune.json").read_text())["template"] == "llava_v1"
 
 

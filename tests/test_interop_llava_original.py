@@ -23,6 +23,7 @@ from interop_helpers import (
 from vistune.interop import InteropError, import_checkpoint, load_foreign
 from vistune.model.projector import build_projector
 from vistune.model.vlm import VisionLanguageModel
+from tolerances import TINY_FORWARD, TINY_TERMS, assert_reordered
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,8 +35,9 @@ def assert_same_model(imported, reference, ref_tok):
     ids = prompt(model, tok)
     assert ids.tolist() == prompt(reference, ref_tok, template=model.config.template).tolist()
     pix = pixels_for(model, noise_image(6, (36, 28)))
-    torch.testing.assert_close(vistune_logits(model, ids, pix), vistune_logits(reference, ids, pix),
-                               atol=1e-5, rtol=0)
+    # The same model computed again (imported or reloaded): at most another kernels' blocking.
+    assert_reordered(vistune_logits(model, ids, pix), vistune_logits(reference, ids, pix),
+                     TINY_TERMS, TINY_FORWARD)
     step = lambda m: (lambda x: m(x, pixel_values=pix).logits)  # noqa: E731
     assert greedy(step(model), ids) == greedy(step(reference), ids)
 
@@ -186,15 +188,17 @@ def test_image_and_pad_tokens_added_consistently_with_embeddings(tokenizer, tmp_
 
     text_ids = torch.tensor([tok("the red circle is on the left")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(vistune_logits(model, text_ids, None)[..., :vocab], lm(text_ids).logits,
-                                   atol=1e-5, rtol=0)
+        # transformers' model and vistune's: the same modules, other masks and kernels' blocking.
+        assert_reordered(vistune_logits(model, text_ids, None)[..., :vocab], lm(text_ids).logits,
+                         TINY_TERMS, TINY_FORWARD)
     import vistune
 
     loaded = vistune.load(out)  # ids and matrix stay consistent after saving
     ids = prompt(loaded.model, loaded.tokenizer)
     assert int(ids.max()) < emb.shape[0]
-    torch.testing.assert_close(vistune_logits(loaded.model, ids, pixels_for(loaded.model, noise_image(1))),
-                               vistune_logits(model, ids, pixels_for(model, noise_image(1))), atol=1e-5, rtol=0)
+    # The same model computed again (imported or reloaded): at most another kernels' blocking.
+    assert_reordered(vistune_logits(loaded.model, ids, pixels_for(loaded.model, noise_image(1))),
+                     vistune_logits(model, ids, pixels_for(model, noise_image(1))), TINY_TERMS, TINY_FORWARD)
 
 
 def test_clear_errors(tokenizer, tmp_path):
@@ -263,5 +267,6 @@ def test_released_layout_with_sentencepiece_tokenizer_end_to_end(tokenizer, tmp_
     assert got["input_ids"].tolist() == ids.tolist()
     hf = LlavaForConditionalGeneration.from_pretrained(str(out))
     with torch.no_grad():
-        torch.testing.assert_close(hf(**got).logits, vistune_logits(model, ids, pixels_for(model, image)),
-                                   atol=1e-5, rtol=0)
+        # transformers' model and vistune's: the same modules, other masks and kernels' blocking.
+        assert_reordered(hf(**got).logits, vistune_logits(model, ids, pixels_for(model, image)),
+                         TINY_TERMS, TINY_FORWARD)

@@ -17,6 +17,7 @@ from vistune.train import ConfigError, run
 from vistune.model.adapters import is_adapter_dir, load_adapter_model
 from vistune.train.lora import merge_lora, save_adapter_run
 from vistune.train.stages import apply_modes, build_model
+from tolerances import TINY_FORWARD, TINY_TERMS, assert_reordered, trained_losses
 
 
 def lora_config(tiny_data, base_model_dir, out, extra=None):
@@ -74,7 +75,8 @@ def test_lora_run_saves_adapters_and_merge_equals_adapter_logits(tiny_data, base
         b = merged(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
         c = base(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     mask = batch["attention_mask"].bool()
-    torch.testing.assert_close(b[mask], a[mask], rtol=1e-4, atol=1e-4)
+    # W + BA folded once against Wx + B(Ax): the same products, summed in another order.
+    assert_reordered(b[mask], a[mask], TINY_TERMS, TINY_FORWARD)
     assert (c[mask] - a[mask]).abs().max() > 1e-2  # the adapters do change the model
 
     # Every tool loads the run itself as it is: vistune.load folds the adapters in.
@@ -82,7 +84,7 @@ def test_lora_run_saves_adapters_and_merge_equals_adapter_logits(tiny_data, base
     assert not hasattr(loaded.model.language_model, "peft_config")
     with torch.no_grad():
         d = loaded.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
-    torch.testing.assert_close(d[mask], a[mask], rtol=1e-4, atol=1e-4)
+    assert_reordered(d[mask], a[mask], TINY_TERMS, TINY_FORWARD)  # folded on load: as above
     (answer,) = Engine(loaded).generate([Prompt.ask("What is this?", [Image.new("RGB", (32, 32), "red")])],
                                         GenerationConfig(max_new_tokens=3))
     assert answer.completion_tokens >= 1
@@ -218,7 +220,7 @@ def test_lora_run_with_its_own_base_survives_a_move(tiny_data, base_model_dir, t
     ids = torch.tensor([[tok.bos_token_id or 1, 5, 6, 7]])
     with torch.no_grad():
         expected = model(ids).logits
-        torch.testing.assert_close(loaded.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        assert_reordered(loaded.model(ids).logits, expected, TINY_TERMS, TINY_FORWARD)  # folded on load
 
 
 def test_vision_lora_run_trains_only_tower_adapters_and_projector_and_loads_with_the_same_logits(
@@ -271,10 +273,11 @@ def test_vision_lora_run_trains_only_tower_adapters_and_projector_and_loads_with
     assert (logits(base) - expected).abs().max() > 1e-2  # the run changed the model
     loaded = vistune.load(r.model_dir)
     assert not hasattr(loaded.model.vision.model, "peft_config")  # folded in on load
-    torch.testing.assert_close(logits(loaded.model), expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits(adapted), expected, rtol=1e-4, atol=1e-4)
+    # Folded adapters (on load, merged) against adapted layers: the same products in another order.
+    assert_reordered(logits(loaded.model), expected, TINY_TERMS, TINY_FORWARD)
+    assert_reordered(logits(adapted), expected, TINY_TERMS, TINY_FORWARD)
     merged, _ = load_model(merge_lora(r.output_dir, tmp_path / "merged"))
-    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+    assert_reordered(logits(merged), expected, TINY_TERMS, TINY_FORWARD)
 
 
 def test_a_compiled_lora_run_trains_as_an_uncompiled_one(tiny_data, base_model_dir, tmp_path):
@@ -288,4 +291,4 @@ def test_a_compiled_lora_run_trains_as_an_uncompiled_one(tiny_data, base_model_d
     graphs = counters["stats"]["unique_graphs"]
     got = losses("compiled", True)
     assert counters["stats"]["unique_graphs"] > graphs  # the adapted layers did go through dynamo
-    assert got == pytest.approx(ref, rel=1e-4)
+    assert got == pytest.approx(ref, **trained_losses(3))  # compiled kernels sum in another order

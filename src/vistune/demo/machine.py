@@ -23,9 +23,9 @@ from .side import split_threads
 # recipe takes what the hardware needs, and the time is reported, not judged.
 TIME_TARGET_HARDWARE = "CPUs with AVX512-BF16 or AMX"
 
-# Whole-run seconds per probed stage-2 step and stage-2 step, fitted to full demo runs (stage 0, the
-# evaluation and the side-by-side ablation included): the demo's estimate is rough, not a promise.
-_RUN_PER_PROBE = {True: 1.25, False: 1.25}  # keyed by whether stage 2 is compiled
+# Whole-run seconds per probed stage-2 step and stage-2 step, fitted to a full demo run (stage 0, the
+# evaluation and the side-by-side ablation included): the estimate is rough, not a promise.
+RUN_PER_PROBE = 1.2
 
 PROBE_TOKENS = 192  # a stage-2 sample's typical length: 64 visual tokens and the text of a short answer
 
@@ -102,9 +102,9 @@ def probe_step(hidden: int, layers: int, heads: int, kv_heads: int, intermediate
         torch.set_num_threads(before)
 
 
-def estimate_run_s(probe_s: float, stage2_steps: int, compiled: bool) -> float:
+def estimate_run_s(probe_s: float, stage2_steps: int) -> float:
     """The whole demo's seconds, from a probed step and the stage-2 step count."""
-    return _RUN_PER_PROBE[compiled] * probe_s * stage2_steps
+    return RUN_PER_PROBE * probe_s * stage2_steps
 
 
 def describe(p: MachinePlan, time_budget_s: float) -> list[str]:

@@ -225,7 +225,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         lm = cfg.lm
         machine.probe_step_s = probe_step(lm.hidden_size, lm.layers, lm.heads, lm.kv_heads, lm.intermediate_size,
                                           cfg.vocab_size, cfg.stage2_batch, precision, machine.main_threads)
-        machine.estimate_s = estimate_run_s(machine.probe_step_s, steps2, compiled)
+        machine.estimate_s = estimate_run_s(machine.probe_step_s, steps2)
     print("\n".join("   " + line for line in describe(machine, cfg.time_budget_s)), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:

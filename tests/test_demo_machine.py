@@ -45,14 +45,17 @@ def test_plan_says_what_it_picked_from_the_machine_and_why(monkeypatch):
     assert any(l.startswith("compile: off (auto: an fp32 step") for l in lines)
     assert any(l.startswith("Muon's orthogonalisation:") for l in lines)
     assert lines[-1].startswith("time target 600 s: not judged")
+    p.probe_step_s, p.estimate_s = 0.5, 1080.0
+    assert "estimated time here: about 18 min (a stage-2 step took 0.50 s in a probe); `vistune demo --quick`" in \
+        "\n".join(machine.describe(p, 600))
 
     _fake_cpu(monkeypatch, native=True)
     p = machine.plan("auto", "off", threads=2, side_by_side=False, ablations=True)
-    assert (p.precision, p.compiled, p.side_threads) == ("bf16", False, 0) and p.compile_why == "as asked (--compile)"
+    assert (p.precision, p.compiled, p.side_threads) == ("bf16", False, 0) and p.compile_why == "set, not auto"
     assert p.time_target_applies and machine.describe(p, 600)[-1].startswith("time target 600 s: applies")
     # Asked for fp32 on a bf16 CPU: the time target still applies (the hardware is the one it was set for).
     p = machine.plan("fp32", "auto", threads=1, side_by_side=True, ablations=True)
-    assert p.precision == "fp32" and p.precision_why == "as asked (--precision)" and p.time_target_applies
+    assert p.precision == "fp32" and p.precision_why == "set, not auto" and p.time_target_applies
 
 
 def test_a_probe_times_a_stage2_step_and_estimates_the_run():

@@ -50,12 +50,12 @@ class MachinePlan:
 
 
 def _precision_why(asked: str) -> str:
-    return "as asked (--precision)" if asked != "auto" else f"auto: {bf16_support()[1]}"
+    return "set, not auto" if asked != "auto" else f"auto: {bf16_support()[1]}"
 
 
 def _compile_why(setting: str, precision: str, compiled: bool) -> str:
     if setting != "auto":
-        return "as asked (--compile)"
+        return "set, not auto"
     if compiled:
         return "auto: bf16, and a C++ compiler is here"
     if precision != "bf16":
@@ -70,7 +70,7 @@ def plan(precision: str, compile_setting: str, threads: int, side_by_side: bool,
     ortho, ortho_why = orthogonalization_dtype(torch.device("cpu"))
     main, side = split_threads(threads) if side_by_side and ablations else (threads, 0)
     native, why = bf16_support()
-    target_why = why if native else f"it is set for {TIME_TARGET_HARDWARE}; here {why}"
+    target_why = why if native else f"it is set for {TIME_TARGET_HARDWARE}; {why}"
     return MachinePlan(prec, _precision_why(precision), compiled, _compile_why(compile_setting, prec, compiled),
                        str(ortho).removeprefix("torch."), ortho_why, main, side, native, target_why)
 
@@ -121,8 +121,9 @@ def describe(p: MachinePlan, time_budget_s: float) -> list[str]:
     lines.append("stage 0's vision encoder: one thread (its convolutions sum in a thread-dependent order; "
                  "one thread gives every machine the same encoder)")
     if p.estimate_s is not None:
-        lines.append(f"estimated time here: about {p.estimate_s / 60:.0f} min (a stage-2 step took "
-                     f"{p.probe_step_s:.2f} s in a probe); `vistune demo --quick` takes a few minutes")
+        lines.append(f"estimated time here: about {max(1, round(p.estimate_s / 60))} min (a stage-2 step took "
+                     f"{p.probe_step_s:.2f} s in a probe)" + ("; `vistune demo --quick` is a run of a few minutes"
+                                                              if p.estimate_s > 600 else ""))
     lines.append(f"time target {time_budget_s:g} s: " + (f"applies ({p.time_target_why})" if p.time_target_applies
                                                           else f"not judged ({p.time_target_why})"))
     return lines

@@ -43,12 +43,15 @@ test: install-test
 
 # The suite as other CPUs run it, whatever this one has: torch's kernels, oneDNN and MKL capped at
 # AVX2 (no AVX-512, no native bf16: most laptops and many cloud machines), then at the plainest
-# kernels. Nothing may pass only because of this machine's CPU.
-AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
-PLAIN_ENV := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+# kernels. Nothing may pass only because of this machine's CPU. Each gets its own inductor cache:
+# inductor's cache keys miss the capped ISA, and kernels cached at another one fail to build.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx2
+PLAIN_ENV := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-plain
 test-portable: install-test
 	$(AVX2_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	$(PLAIN_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

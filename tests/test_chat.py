@@ -231,3 +231,49 @@ def test_cli_chat_says_once_that_it_drops_turns_and_reset_names_the_image(tokeni
     assert "[error]" not in out
     assert out.count("outgrew the model's context") == 1 and "/reset" in out.split("outgrew")[1].splitlines()[0]
     assert "[conversation cleared; the image is dropped too" in out
+
+
+def test_cli_chat_at_a_terminal_has_history_and_ctrl_c_quits(tokenizer, tmp_path):
+    """At a terminal: the up arrow recalls the last line (readline), Ctrl-C at the prompt quits."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path / "m")
+    main_fd, sub_fd = pty.openpty()
+    src = str(__import__("pathlib").Path(__import__("vistune").__file__).parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "vistune.cli", "chat", "--model", str(path)],
+                            stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, close_fds=True,
+                            env=dict(os.environ, PYTHONPATH=src, TERM="xterm"))
+    os.close(sub_fd)
+    seen = b""
+
+    def until(text: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(text) < 1 and time.monotonic() < deadline:
+            if select.select([main_fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(main_fd, 4096)
+                except OSError:
+                    break
+        assert text in seen, seen.decode(errors="replace")
+        seen = seen[seen.index(text) + len(text):]
+
+    try:
+        until(b"USER: ")
+        os.write(main_fd, b"/image no-such-file.png\r")
+        until(b"[error]")
+        until(b"USER: ")
+        os.write(main_fd, b"\x1b[A\r")  # the up arrow: the same command again, not text for the model
+        until(b"[error]")
+        until(b"USER: ")
+        proc.send_signal(__import__("signal").SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)

@@ -143,15 +143,24 @@ def test_idle_memory_returns_near_baseline_after_a_burst(engine, tmp_path):
         time.sleep(1.5)
         before = rss_mb(proc.pid)
         peak = [before]
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+                time.sleep(0.02)
 
         def one(i):
-            r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                           json=body(big + [{"type": "text", "text": f"what? {i}"}], max_tokens=1))
-            peak[0] = max(peak[0], rss_mb(proc.pid))
-            return r.status_code
+            return httpx.post(url + "/v1/chat/completions", timeout=120,
+                              json=body(big + [{"type": "text", "text": f"what? {i}"}], max_tokens=1)).status_code
 
+        sampler = threading.Thread(target=sample)
+        sampler.start()
         with ThreadPoolExecutor(4) as pool:
-            assert list(pool.map(one, range(2))) == [200] * 2
+            codes = list(pool.map(one, range(4)))
+        sampling.set()
+        sampler.join()
+        assert codes == [200] * 4
         deadline = time.monotonic() + 20
         while httpx.get(url + "/health").json()["memory_trims"] < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -159,7 +168,7 @@ def test_idle_memory_returns_near_baseline_after_a_burst(engine, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-    assert peak[0] - before > 100, (before, peak[0])  # the burst really took memory
+    assert peak[0] - before > 50, (before, peak[0])  # the burst really took memory
     assert after - before < 40, (before, peak[0], after)
 
 

@@ -172,7 +172,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
             try:
                 # Whether it can fit at all, before any image is decoded or any text tokenized.
                 engine.check_size(len(draft.images), draft.chars)
-                prompt = Prompt(draft.turns, await _images(draft.images, s, decodes), draft.system)
+                prompt = Prompt(draft.turns, await _images(draft.images, s, decodes, engine), draft.system)
                 encoded: EncodedPrompt = await run_in_threadpool(engine.encode, prompt)
             except PromptTooLong as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
@@ -354,7 +354,7 @@ def _draft(req: ChatCompletionRequest, s: ServeSettings) -> Draft:
     return Draft(turns, "\n".join(system) if system else None, images, chars)
 
 
-async def _images(urls: list[tuple[str, str]], s: ServeSettings, decodes: Decodes) -> list:
+async def _images(urls: list[tuple[str, str]], s: ServeSettings, decodes: Decodes, engine: Engine) -> list:
     """Fetch every image, check every size from its header, then decode them one slot at a time."""
     raws, total = [], 0
     for url, where in urls:
@@ -372,10 +372,16 @@ async def _images(urls: list[tuple[str, str]], s: ServeSettings, decodes: Decode
     for raw, where in raws:
         try:
             async with decodes.sem:
-                images.append(await run_in_threadpool(image_from_bytes, raw, s.max_image_pixels))
+                images.append(await run_in_threadpool(_pixels, engine, raw, s.max_image_pixels))
         except RequestImageError as e:
             raise ApiError(e.status, str(e), param=where, code=e.code) from None
     return images
+
+
+def _pixels(engine: Engine, raw: bytes, max_pixels: int):
+    """The model's input pixels: resized here, in the request's thread, so the engine thread never
+    resizes a large bitmap between decoding steps, and the bitmap is freed at once."""
+    return engine.loaded.pixels(image_from_bytes(raw, max_pixels))
 
 
 async def _image_bytes(url: str, s: ServeSettings) -> bytes:

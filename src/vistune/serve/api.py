@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..infer.memory import one_malloc_arena
 from ..infer.engine import EncodedPrompt, Engine, GenerationConfig, Prompt, PromptError, PromptTooLong
+from ..infer.memory import one_malloc_arena
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batching import Batcher
 from .guard import Guard, GuardSettings

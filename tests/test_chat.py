@@ -158,7 +158,7 @@ def test_cli_chat_through_stdin(tokenizer, tmp_path, monkeypatch, capsys):
                                    {"from": "human", "value": "and the color?"}], [img])], cfg)[0].text
     after_reset = eng.generate([Prompt.ask("what is it?")], cfg)[0].text
     assert replies == [first, second, after_reset]
-    assert "[attached" in out and "[conversation cleared]" in out and "[unknown command]" in out
+    assert "[attached" in out and "[conversation cleared" in out and "[unknown command]" in out
     assert "missing.png" in out.split("[error]")[1].splitlines()[0]  # names the file it could not open
 
 
@@ -174,3 +174,107 @@ def test_cli_chat_stop_strings(tokenizer, tmp_path, monkeypatch, capsys):
                  "--stop", stop]) == 0
     replies = [ln[len("ASSISTANT: "):] for ln in capsys.readouterr().out.splitlines() if ln.startswith("ASSISTANT: ")]
     assert replies == [full[:full.index(stop)].strip()]
+
+
+def test_a_long_chat_drops_its_oldest_turns_but_keeps_the_image(engine):
+    engine.max_context = 200  # a few exchanges of ten new tokens each fill it
+    chat = Chat(engine, config=CFG)
+    chat.attach(noise_image(1))
+    for i in range(12):
+        chat.ask(f"what color is the {i} object on the left side?")
+    assert chat.dropped_turns > 0
+    assert chat.turns[0]["value"].startswith("<image>\n")  # the exchange holding the image stays
+    assert len(chat.image_embeds) == 1
+    dropped = chat.dropped_turns
+    chat.ask("and the next one?")  # still goes on, dropping what it must
+    assert chat.dropped_turns >= dropped and chat.turns[-2]["value"] == "and the next one?"
+
+
+def cli_chat(tokenizer, tmp_path, monkeypatch, script: str, max_context: int | None = None) -> str:
+    from vistune.cli import infer as cli_infer
+
+    model, tok = make_model(tokenizer)
+    eng = Engine(LoadedModel(model, tok))
+    if max_context:
+        eng.max_context = max_context
+    monkeypatch.setattr(cli_infer, "load_engine", lambda args: eng)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "8"]) == 0
+    return eng
+
+
+def test_cli_chat_ctrl_c_stops_the_reply_and_keeps_the_chat(tokenizer, tmp_path, monkeypatch, capsys):
+    real = Engine.stream
+    calls = []
+
+    def interrupted(self, prompt, config=None):
+        calls.append(len(prompt.input_ids))
+        for i, piece in enumerate(real(self, prompt, config)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the first reply streams
+            yield piece
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    cli_chat(tokenizer, tmp_path, monkeypatch, "tell me a story\nand then?\n/quit\n")
+    out = capsys.readouterr().out
+    replies = [ln for ln in out.splitlines() if ln.startswith("ASSISTANT: ")]
+    assert len(replies) == 2 and replies[0].endswith(" [stopped]") and "[stopped]" not in replies[1]
+    assert calls[1] > calls[0]  # the second message was sent with the first, stopped exchange
+
+
+def test_cli_chat_says_once_that_it_drops_turns_and_reset_names_the_image(tokenizer, tmp_path, monkeypatch, capsys):
+    img = noise_image(3)
+    img.save(tmp_path / "cat.png")
+    script = "\n".join([f"/image {tmp_path / 'cat.png'}"] + [f"what color is the {i} object on the left?"
+                                                              for i in range(12)] + ["/reset", "/quit"]) + "\n"
+    cli_chat(tokenizer, tmp_path, monkeypatch, script, max_context=200)
+    out = capsys.readouterr().out
+    assert "[error]" not in out
+    assert out.count("outgrew the model's context") == 1 and "/reset" in out.split("outgrew")[1].splitlines()[0]
+    assert "[conversation cleared; the image is dropped too" in out
+
+
+def test_cli_chat_at_a_terminal_has_history_and_ctrl_c_quits(tokenizer, tmp_path):
+    """At a terminal: the up arrow recalls the last line (readline), Ctrl-C at the prompt quits."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    model, tok = make_model(tokenizer)
+    path = save_model(model, tok, tmp_path / "m")
+    main_fd, sub_fd = pty.openpty()
+    src = str(__import__("pathlib").Path(__import__("vistune").__file__).parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "vistune.cli", "chat", "--model", str(path)],
+                            stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, close_fds=True,
+                            env=dict(os.environ, PYTHONPATH=src, TERM="xterm"))
+    os.close(sub_fd)
+    seen = b""
+
+    def until(text: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(text) < 1 and time.monotonic() < deadline:
+            if select.select([main_fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(main_fd, 4096)
+                except OSError:
+                    break
+        assert text in seen, seen.decode(errors="replace")
+        seen = seen[seen.index(text) + len(text):]
+
+    try:
+        until(b"USER: ")
+        os.write(main_fd, b"/image no-such-file.png\r")
+        until(b"[error]")
+        until(b"USER: ")
+        os.write(main_fd, b"\x1b[A\r")  # the up arrow: the same command again, not text for the model
+        until(b"[error]")
+        until(b"USER: ")
+        proc.send_signal(__import__("signal").SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)

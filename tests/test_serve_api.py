@@ -90,7 +90,8 @@ def test_image_as_data_url(served):
 
 
 @pytest.mark.parametrize("case", ["missing_messages", "bad_base64", "file_path", "file_url", "too_many_images",
-                                  "remote_disabled", "too_many_pixels", "image_token_in_text", "max_tokens",
+                                  "remote_disabled", "too_many_pixels", "image_token_in_text", "logprobs",
+                                  "tools", "response_format", "logit_bias", "frequency_penalty",
                                   "unknown_model", "last_not_user", "n2", "too_many_image_bytes",
                                   "not_an_image_type", "context_length", "top_p_2", "temperature_negative",
                                   "temperature_3", "top_k_negative", "repetition_penalty_0", "seed_overflow",
@@ -111,7 +112,11 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "remote_disabled": lambda: ask(client, image("http://127.0.0.1:9/x.png")),
         "too_many_pixels": lambda: ask(client, image(data_url(solid_image((1, 2, 3), (400, 400))))),
         "image_token_in_text": lambda: ask(client, "look: <image>"),
-        "max_tokens": lambda: ask(client, "hi", max_tokens=65),
+        "logprobs": lambda: ask(client, "hi", logprobs=True, top_logprobs=2),
+        "tools": lambda: ask(client, "hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "response_format": lambda: ask(client, "hi", response_format={"type": "json_object"}),
+        "logit_bias": lambda: ask(client, "hi", logit_bias={"42": 10}),
+        "frequency_penalty": lambda: ask(client, "hi", frequency_penalty=0.5),
         "unknown_model": lambda: client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}]),
         "last_not_user": lambda: client.chat.completions.create(model="tiny-vlm", messages=[
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
@@ -139,7 +144,11 @@ def test_bad_requests_get_400s_with_openai_error_bodies(served, case):
         "remote_disabled": (400, "messages[0].content[0].image_url", "remote_images_disabled"),
         "too_many_pixels": (400, "messages[0].content[0].image_url", "image_too_large"),
         "image_token_in_text": (400, "messages[0].content", None),
-        "max_tokens": (400, "max_tokens", "max_tokens_exceeded"),
+        "logprobs": (400, "logprobs", "unsupported_parameter"),
+        "tools": (400, "tools", "unsupported_parameter"),
+        "response_format": (400, "response_format", "unsupported_parameter"),
+        "logit_bias": (400, "logit_bias", "unsupported_parameter"),
+        "frequency_penalty": (400, "frequency_penalty", "unsupported_parameter"),
         "unknown_model": (404, "model", "model_not_found"),
         "last_not_user": (400, "messages", None),
         "n2": (400, "n", None),
@@ -504,7 +513,7 @@ def test_cli_serve_requires_the_key_from_the_named_variable(tokenizer, tmp_path,
     assert main(["serve", "--model", str(path), "--api-key-env", "VISTUNE_TEST_KEY", "--port", "8123"]) == 0
     assert started["port"] == 8123 and "cli-vlm" in capsys.readouterr().out
     body = {"model": "cli-vlm", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
-    with TestClient(started["app"]) as tc:
+    with TestClient(started["app"], base_url="http://localhost:8123") as tc:  # a loopback Host, as allowed
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "}):
             r = tc.post("/v1/chat/completions", json=body, headers=headers)
             assert r.status_code == 401, headers

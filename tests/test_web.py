@@ -103,3 +103,18 @@ def test_page_behind_the_api_key_asks_for_it(engine):
         assert tc.post("/web/login", data={"username": "me", "password": "wrong"}).status_code == 400
         assert tc.post("/web/login", data={"username": "me", "password": "sesame"}).status_code == 200
         assert tc.get("/web/config").status_code == 200
+
+
+def test_a_new_image_mid_chat_starts_a_new_conversation(engine):
+    respond = make_respond(engine, config=CFG)
+    first, second = noise_image(4), noise_image(5)
+    history, session, _ = list(respond("what is in the image?", first, [], None))[-1]
+    history, session, _ = list(respond("and its color?", first, history, session))[-1]
+    assert len(session["chat"].turns) == 4
+    history, session, _ = list(respond("how many objects?", second, history, session))[-1]
+    chat = session["chat"]
+    assert [t["value"] for t in chat.turns][0] == "<image>\nhow many objects?" and len(chat.turns) == 2
+    assert len(chat.image_embeds) == 1  # the first picture is gone from the context
+    want = engine.generate([Prompt.ask("how many objects?", [second])], CFG)[0].text
+    assert history[-2:] == [{"role": "user", "content": "how many objects?"}, {"role": "assistant", "content": want}]
+    assert "new conversation" in history[0]["content"] and len(history) == 3

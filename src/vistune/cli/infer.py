@@ -73,7 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit"
+HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit; Ctrl-C stops a reply"
+
+
+def read_line(interactive: bool) -> str | None:
+    """The next line, or None at the end of input; at a terminal, with line editing and history
+    (Python's readline) and Ctrl-C quitting."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line or None
+    try:
+        return input("USER: ")
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -84,7 +97,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     chat = Chat(engine, system=args.system, config=generation_config(args))
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  # input() then edits lines and keeps a history
+        except ImportError:  # not on every platform
+            pass
     out = sys.stdout
+    told_dropping = False
 
     def attach(path: str) -> None:
         try:
@@ -97,10 +116,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for path in args.image:
         attach(path)
     while True:
-        if interactive:
-            print("USER: ", end="", file=out, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        line = read_line(interactive)
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -108,8 +125,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
+            had_image = bool(chat.image_embeds or chat.pending)
             chat.reset()
-            print("[conversation cleared]", file=out, flush=True)
+            told_dropping = False
+            print("[conversation cleared" + ("; the image is dropped too: /image PATH attaches one again]"
+                                             if had_image else "]"), file=out, flush=True)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
@@ -127,7 +147,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(piece, end="", file=out, flush=True)
         except PromptError as e:
             print(f"[error] {e}", end="", file=out)
+        except KeyboardInterrupt:  # stops this reply only; the chat goes on
+            print(" [stopped]", end="", file=out)
         print(file=out, flush=True)
+        if chat.dropped_turns and not told_dropping:
+            told_dropping = True
+            print(f"[the conversation outgrew the model's context of {engine.max_context} tokens: its oldest "
+                  "turns are dropped from now on (those holding the image stay); /reset starts afresh]",
+                  file=out, flush=True)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 Each attached image goes through the vision tower and projector once; the session
 keeps its projected embeddings and hands them to the engine on every later turn.
+When the conversation outgrows the context, its oldest exchanges that hold no image
+are dropped (`dropped_turns` counts them), so a long chat goes on instead of failing.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from PIL import Image
 
 from ..data.images import open_image
 from ..text.templates import IMAGE_PLACEHOLDER
-from .engine import EncodedPrompt, Engine, GenerationConfig, Prompt
+from .engine import EncodedPrompt, Engine, GenerationConfig, Prompt, PromptTooLong
 
 Streamer = Callable[[EncodedPrompt, GenerationConfig], Iterator[str]]
 
@@ -35,6 +37,7 @@ class Chat:
         self.turns: list[dict] = []
         self.image_embeds: list[torch.Tensor] = []  # one per <image> already in `turns`
         self.pending: list[torch.Tensor] = []  # attached, not yet sent
+        self.dropped_turns = 0  # exchanges dropped to fit the context
 
     def attach(self, image: Image.Image | str | os.PathLike) -> None:
         """Attach an image (or an image file) to the next message; encoded now, once."""
@@ -52,15 +55,43 @@ class Chat:
             return Prompt([human], list(self.pending), self.system), human
         return Prompt(self.turns + [human], self.image_embeds + self.pending, self.system), human
 
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest exchange that holds no image; False when there is none."""
+        for i in range(0, len(self.turns) - 1, 2):
+            pair = self.turns[i:i + 2]
+            if not any(IMAGE_PLACEHOLDER in str(t["value"]) for t in pair):
+                del self.turns[i:i + 2]
+                self.dropped_turns += 1
+                return True
+        return False
+
+    def _fit(self, text: str, config: GenerationConfig) -> tuple[EncodedPrompt, dict]:
+        """The prompt for ``text``, dropping the oldest exchanges until it leaves room for a reply."""
+        room = min(config.max_new_tokens, self.engine.max_context // 4)
+        while True:
+            prompt, human = self._prompt(text)
+            try:
+                encoded = self.engine.encode(prompt)
+                if len(encoded.input_ids) + room <= self.engine.max_context or not self._drop_oldest():
+                    return encoded, human
+            except PromptTooLong:
+                if not self._drop_oldest():
+                    raise
+
     def stream(self, text: str, config: GenerationConfig | None = None) -> Iterator[str]:
-        """Send a message; yields the reply in pieces and records the exchange at the end."""
-        prompt, human = self._prompt(text)
-        encoded = self.engine.encode(prompt)  # refuse bad input before touching the history
+        """Send a message; yields the reply in pieces and records the exchange at the end (a reply
+        stopped early, by Ctrl-C or a closed page, as far as it went)."""
+        config = config or self.config
+        encoded, human = self._fit(text, config)  # refuse bad input before recording anything
         pieces: list[str] = []
-        for piece in self.streamer(encoded, config or self.config):
-            pieces.append(piece)
-            yield piece
-        reply = "".join(pieces)
+        try:
+            for piece in self.streamer(encoded, config):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self._record(human, "".join(pieces))
+
+    def _record(self, human: dict, reply: str) -> None:
         if not reply:
             return  # an empty reply cannot be rendered as a turn; the images stay attached
         if not self.engine.template.single_turn:

@@ -63,6 +63,10 @@ class Engine:
         self.eos_id = tok.eos_token_id
         lm_max = getattr(self.lm.config, "max_position_embeddings", None) or cfg.max_length
         self.max_context = int(min(cfg.max_length or lm_max, lm_max))
+        # No token covers more characters than the vocabulary's longest, so a text longer than
+        # this cannot fit the context: refused before tokenizing it (which takes seconds per MB).
+        longest = max((len(t) for t in tok.get_vocab()), default=1)
+        self.max_prompt_chars = self.max_context * max(longest, 1)
         # Never generate the image placeholder or padding: neither is text.
         self._suppress = sorted({i for i in (self.image_token_id, tok.pad_token_id)
                                  if i is not None and i != self.eos_id})
@@ -135,12 +139,23 @@ class Engine:
         return best
 
     # -- prompts ---------------------------------------------------------------
+    def check_size(self, n_images: int, n_chars: int) -> None:
+        """Raise PromptTooLong when ``n_images`` images and ``n_chars`` characters of text can never
+        fit the context, whatever the text: cheap, so callers check before decoding or tokenizing."""
+        if n_images * self.num_image_tokens >= self.max_context:
+            raise PromptTooLong(f"{n_images} images take {n_images}x{self.num_image_tokens} = "
+                                f"{n_images * self.num_image_tokens} tokens; the model's context is {self.max_context}")
+        if n_chars > self.max_prompt_chars:
+            raise PromptTooLong(f"prompt text is {n_chars} characters, more than the model's context of "
+                                f"{self.max_context} tokens can hold (at most {self.max_prompt_chars} characters)")
+
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         """Render and tokenize a prompt; raises PromptError naming what is wrong."""
         turns = [dict(t) for t in prompt.turns]
         if not turns:
             raise PromptError("prompt has no turns")
         images = list(prompt.images)
+        self.check_size(len(images), sum(len(str(t.get("value", ""))) for t in turns) + len(prompt.system or ""))
         for i, im in enumerate(images):
             self._check_image(i, im)
         n_slots = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns)

@@ -37,3 +37,36 @@ def keep_freed_memory() -> bool:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
+
+
+def release_freed_memory() -> bool:
+    """Hand the free parts of every malloc arena back to the OS (glibc ``malloc_trim``), which
+    `keep_freed_memory` otherwise keeps: a server calls it when a burst is over, so its idle
+    size returns near its baseline. False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
+M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> bool:
+    """Make every thread allocate from glibc's main arena (a server: call it before threads start).
+
+    ``malloc_trim`` shrinks only the main arena's top; memory freed at the top of a thread's
+    own arena (a decoded image, the engine thread's activations) would stay with the process.
+    False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, 1))

@@ -8,25 +8,29 @@ usual exceptions.
 """
 from __future__ import annotations
 
-import hmac
+import asyncio
+import ipaddress
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..infer.engine import EncodedPrompt, Engine, GenerationConfig, Prompt, PromptError, PromptTooLong
+from ..infer.memory import one_malloc_arena
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batching import Batcher
-from .images import RequestImageError, decode_data_url, fetch_remote, image_from_bytes, url_kind
+from .guard import Guard, GuardSettings
+from .idle import IdleTrim
+from .images import RequestImageError, decode_data_url, fetch_remote, image_from_bytes, image_size, url_kind
 from .schema import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -47,20 +51,38 @@ from .schema import (
 @dataclass
 class ServeSettings:
     model_name: str | None = None  # the id clients send as `model`; defaults to the model directory's name
-    api_key: str | None = None  # when set, every /v1 request needs `Authorization: Bearer <key>`
+    api_key: str | None = None  # when set, every path but /health needs `Authorization: Bearer <key>`
+    # Host names a request's Host and Origin may name (None: any); the CLI sets loopback names on loopback.
+    allowed_hosts: list[str] | None = None
     allow_remote_images: bool = False
-    # Remote images from loopback/private/link-local hosts too (an internal image store);
+    # Remote images from loopback/private hosts too (an internal image store);
     # off, so that a request cannot make the server reach its own network.
     allow_private_image_hosts: bool = False
+    # Addresses or networks remote images may come from although non-public; the only way to
+    # open link-local and cloud metadata addresses.
+    allowed_image_hosts: list[str] = field(default_factory=list)
     max_body_bytes: int = 20 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 2 * 4096 * 4096  # all images of one request together
     max_images_per_request: int = 8
-    max_tokens_limit: int = 2048
+    max_decodes_in_flight: int = 2  # image decodes at once, over all requests
+    max_tokens_limit: int = 2048  # a larger max_tokens is clipped to it (and to what the context leaves)
     default_max_tokens: int = 256
     default_temperature: float = 0.0  # absent `temperature` means greedy, as LLaVA evaluates
     max_batch_size: int = 16
     batch_wait_ms: float = 10.0
+    idle_trim_s: float = 1.0  # idle this long after work, freed memory goes back to the OS
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_request_pixels",
+                     "max_decodes_in_flight", "max_tokens_limit", "default_max_tokens", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeSettings.{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            self.image_networks = [ipaddress.ip_network(h, strict=False) for h in self.allowed_image_hosts]
+        except ValueError as e:
+            raise ValueError(f"ServeSettings.allowed_image_hosts: {e}") from None
 
 
 class ApiError(Exception):
@@ -82,18 +104,26 @@ def _error_response(e: ApiError) -> JSONResponse:
 def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bool = False) -> FastAPI:
     """The FastAPI app; ``web=True`` also mounts the Gradio page at /web on the same batcher."""
     s = settings or ServeSettings()
+    one_malloc_arena()  # so that the idle trim can return what any thread freed
     model_id = s.model_name or engine.name
     created = int(time.time())
-    batcher = Batcher(engine, max_batch_size=s.max_batch_size, max_wait_s=s.batch_wait_ms / 1000)
+    activity = IdleTrim(s.idle_trim_s)
+    batcher = Batcher(engine, max_batch_size=s.max_batch_size, max_wait_s=s.batch_wait_ms / 1000, activity=activity)
+    decodes = Decodes(s.max_decodes_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         batcher.close()
+        activity.close()
 
     app = FastAPI(title="vistune", summary="OpenAI-compatible chat completions for a vistune model",
                   lifespan=lifespan)
     app.state.engine, app.state.batcher, app.state.settings, app.state.model_id = engine, batcher, s, model_id
+    app.state.activity = activity
+    # The page has its own login form (the same key); everything else needs the Bearer key.
+    app.add_middleware(Guard, settings=GuardSettings(api_key=s.api_key, allowed_hosts=s.allowed_hosts,
+                                                     own_auth_prefix="/web" if web else None))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -108,23 +138,15 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
     async def _validation_error(request: Request, e: RequestValidationError):
         return _error_response(_from_validation(e.errors(), skip=1))
 
-    def check_key(request: Request) -> None:
-        if not s.api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), s.api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key.", code="invalid_api_key")
-
     @app.get("/health")
     async def health() -> dict:
         st = batcher.stats
         return {"status": "ok", "model": model_id, "waiting": batcher.waiting, **st,
-                "mean_batch_size": round(st["row_steps"] / st["steps"], 2) if st["steps"] else 0.0}
+                "mean_batch_size": round(st["row_steps"] / st["steps"], 2) if st["steps"] else 0.0,
+                "memory_trims": activity.trims}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
-        check_key(request)
         return ModelList(data=[ModelCard(id=model_id, created=created)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
@@ -133,21 +155,29 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
                   "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
                   "required": True}})
     async def chat_completions(request: Request):
-        check_key(request)
-        req = _parse(await _read_body(request, s.max_body_bytes))
-        if req.model != model_id:
-            raise ApiError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}.",
-                           type="not_found_error", param="model", code="model_not_found")
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        config = _generation_config(req, s)
-        prompt = await _prompt(req, s)
-        try:
-            encoded: EncodedPrompt = await run_in_threadpool(engine.encode, prompt)
-        except PromptTooLong as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        except PromptError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        body = await _read_body(request, s.max_body_bytes)
+        with activity.busy():
+            req = await run_in_threadpool(_parse, body)  # megabytes of JSON: not on the event loop
+            if req.model != model_id:
+                raise ApiError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}.",
+                               type="not_found_error", param="model", code="model_not_found")
+            if req.n != 1:
+                raise ApiError(400, "only n=1 is supported", param="n")
+            unsupported = req.unsupported()
+            if unsupported:
+                raise ApiError(400, f"{unsupported!r} is not supported by this server; leave it out",
+                               param=unsupported, code="unsupported_parameter")
+            config = _generation_config(req, s)
+            draft = _draft(req, s)
+            try:
+                # Whether it can fit at all, before any image is decoded or any text tokenized.
+                engine.check_size(len(draft.images), draft.chars)
+                prompt = Prompt(draft.turns, await _images(draft.images, s, decodes, engine), draft.system)
+                encoded: EncodedPrompt = await run_in_threadpool(engine.encode, prompt)
+            except PromptTooLong as e:
+                raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            except PromptError as e:
+                raise ApiError(400, str(e), param="messages") from None
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if req.stream:
@@ -155,7 +185,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
             return StreamingResponse(_sse(batcher, encoded, config, cid, now, model_id, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            c = await batcher.complete(encoded, config)
+            c = await _unless_disconnected(request, batcher.complete(encoded, config))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the row stopped at its next step
         except Exception as e:
             raise ApiError(500, f"generation failed: {e}", type="server_error") from None
         return ChatCompletion(
@@ -175,6 +207,48 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
 
 
 # -- request handling -------------------------------------------------------------
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientGone as soon as the client disconnects: ``work`` is then
+    cancelled, which cancels its batcher job (its row stops at the next decoding step)."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # the body was read already: the next message is the disconnect
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class Decodes:
+    """At most ``n`` image decodes at once over all requests: a burst of large images waits
+    its turn instead of taking every core and a bitmap's worth of memory per image at once."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._sem: asyncio.Semaphore | None = None
+
+    @property
+    def sem(self) -> asyncio.Semaphore:
+        if self._sem is None:  # created on the server's loop, not at import
+            self._sem = asyncio.Semaphore(self.n)
+        return self._sem
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -207,10 +281,8 @@ def _from_validation(errors: list, skip: int) -> ApiError:
 
 
 def _generation_config(req: ChatCompletionRequest, s: ServeSettings) -> GenerationConfig:
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
-    if max_tokens > s.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {max_tokens}, over this server's limit of {s.max_tokens_limit}",
-                       param="max_tokens", code="max_tokens_exceeded")
+    # Over the limit is clipped, as the context clips it (finish_reason "length"), as vLLM does.
+    max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_limit)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise ApiError(400, "at most 4 stop sequences are allowed", param="stop")
@@ -228,14 +300,25 @@ def _generation_config(req: ChatCompletionRequest, s: ServeSettings) -> Generati
         raise ApiError(400, str(e), code="invalid_value") from None
 
 
-async def _prompt(req: ChatCompletionRequest, s: ServeSettings) -> Prompt:
+@dataclass
+class Draft:
+    """A request's conversation before its images are fetched and decoded."""
+
+    turns: list[dict]
+    system: str | None
+    images: list[tuple[str, str]]  # (url, where in the request)
+    chars: int  # of text, for the size bound
+
+
+def _draft(req: ChatCompletionRequest, s: ServeSettings) -> Draft:
     n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
     if n_images > s.max_images_per_request:
         raise ApiError(400, f"{n_images} images in one request, over the limit of {s.max_images_per_request}",
                        param="messages", code="too_many_images")
     system: list[str] = []
     turns: list[dict] = []
-    images = []
+    images: list[tuple[str, str]] = []
+    chars = 0
     for i, m in enumerate(req.messages):
         parts = [m.content] if isinstance(m.content, str) else (m.content or [])
         if not parts:
@@ -246,7 +329,7 @@ async def _prompt(req: ChatCompletionRequest, s: ServeSettings) -> Prompt:
             if isinstance(part, ImagePart):
                 if m.role != "user":
                     raise ApiError(400, f"images are accepted in user messages only, not {m.role}", param=where)
-                images.append(await _image(part.image_url.url, s, where + ".image_url"))
+                images.append((part.image_url.url, where + ".image_url"))
                 pieces.append(IMAGE_PLACEHOLDER)
                 continue
             text = part if isinstance(part, str) else part.text
@@ -254,6 +337,7 @@ async def _prompt(req: ChatCompletionRequest, s: ServeSettings) -> Prompt:
                 raise ApiError(400, f"text must not contain the reserved token {IMAGE_PLACEHOLDER}; "
                                "send images as image_url parts", param=where)
             pieces.append(text)
+            chars += len(text)
         value = "\n".join(pieces)
         if m.role in ("system", "developer"):
             system.append(value)
@@ -267,25 +351,56 @@ async def _prompt(req: ChatCompletionRequest, s: ServeSettings) -> Prompt:
         raise ApiError(400, "the last message must be from the user", param="messages")
     if turns[0]["from"] != "human":
         raise ApiError(400, "the conversation must start with a user message", param="messages")
-    return Prompt(turns, images, "\n".join(system) if system else None)
+    return Draft(turns, "\n".join(system) if system else None, images, chars)
 
 
-async def _image(url: str, s: ServeSettings, where: str):
+async def _images(urls: list[tuple[str, str]], s: ServeSettings, decodes: Decodes, engine: Engine) -> list:
+    """Fetch every image, check every size from its header, then decode them one slot at a time."""
+    raws, total = [], 0
+    for url, where in urls:
+        try:
+            raw = await _image_bytes(url, s)
+            w, h = image_size(raw, s.max_image_pixels)
+        except RequestImageError as e:
+            raise ApiError(e.status, str(e), param=where, code=e.code) from None
+        total += w * h
+        if total > s.max_request_pixels:
+            raise ApiError(400, f"the request's images come to over {s.max_request_pixels} pixels (this one is "
+                           f"{w}x{h}); send fewer or smaller images", param=where, code="image_too_large")
+        raws.append((raw, where))
+    images = []
+    for raw, where in raws:
+        try:
+            async with decodes.sem:
+                images.append(await run_in_threadpool(_pixels, engine, raw, s.max_image_pixels))
+        except RequestImageError as e:
+            raise ApiError(e.status, str(e), param=where, code=e.code) from None
+    return images
+
+
+def _pixels(engine: Engine, raw: bytes, max_pixels: int):
+    """The model's input pixels: resized here, in the request's thread, so the engine thread never
+    resizes a large bitmap between decoding steps, and the bitmap is freed at once."""
+    return engine.loaded.pixels(image_from_bytes(raw, max_pixels))
+
+
+async def _image_bytes(url: str, s: ServeSettings) -> bytes:
     kind = url_kind(url)
-    try:
-        if kind == "data":
-            raw = decode_data_url(url, s.max_image_bytes)
-        elif kind == "remote" and s.allow_remote_images:
-            raw = await fetch_remote(url, s.max_image_bytes, allow_private=s.allow_private_image_hosts)
-        elif kind == "remote":
-            raise RequestImageError("remote image URLs are disabled on this server (start it with "
-                                    "--allow-remote-images); send a data: URL", code="remote_images_disabled")
-        else:
-            raise RequestImageError("image_url must be a data: URL (local paths and file: URLs are never read)",
-                                    code="invalid_image_url")
-        return await run_in_threadpool(image_from_bytes, raw, s.max_image_pixels)
-    except RequestImageError as e:
-        raise ApiError(e.status, str(e), param=where, code=e.code) from None
+    if kind == "data":
+        return decode_data_url(url, s.max_image_bytes)
+    if kind == "remote" and s.allow_remote_images:
+        return await fetch_remote(url, s.max_image_bytes, allow_private=s.allow_private_image_hosts,
+                                  allowed=s.image_networks)
+    if kind == "remote":
+        raise RequestImageError("remote image URLs are disabled on this server (start it with "
+                                "--allow-remote-images); send a data: URL", code="remote_images_disabled")
+    scheme = url.split(":", 1)[0][:16] if ":" in url[:17] else None
+    if s.allow_remote_images:
+        what = f"{scheme}: URLs are not fetched" if scheme else "local paths are never read"
+        raise RequestImageError(f"image_url must be a data: URL or an http(s) URL ({what})",
+                                code="invalid_image_url")
+    raise RequestImageError("image_url must be a data: URL (local paths and file: URLs are never read)",
+                            code="invalid_image_url")
 
 
 async def _sse(batcher: Batcher, encoded: EncodedPrompt, config: GenerationConfig, cid: str, created: int,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 from ..infer.engine import Completion, EncodedPrompt, Engine, GenerationConfig
+from .idle import IdleTrim
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MAX_ROWS_PER_RUN = 4096  # ("text", str) | ("done", Completion) | ("error", Exce
 
 @dataclass
 class Job:
-    prompt: EncodedPrompt
+    prompt: EncodedPrompt | None  # None once handed to a run
     config: GenerationConfig
     stream: bool
     on_event: Callable[[Event], None]
@@ -42,16 +43,19 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_s: float = 0.01):
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_s: float = 0.01,
+                 activity: IdleTrim | None = None):
         self.engine = engine
+        self.activity = activity  # told when a run goes, so freed memory is returned once idle
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
         self._held: list[Job] = []  # the job that could not join the running batch (at most one)
         # Counters for /health and tests: rows per decoding step = row_steps / steps;
-        # set_aside = requests that waited for a run to drain because they could not join it.
-        self.stats = {"runs": 0, "requests": 0, "steps": 0, "row_steps": 0, "set_aside": 0}
+        # set_aside = requests that waited for a run to drain because they could not join it;
+        # cancelled = rows stopped because their client went away.
+        self.stats = {"runs": 0, "requests": 0, "steps": 0, "row_steps": 0, "set_aside": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
         self._thread.start()
 
@@ -137,8 +141,12 @@ class Batcher:
             batch = self._collect()
             if batch is None:
                 return
-            if batch:
+            if batch and self.activity is not None:
+                with self.activity.busy():
+                    self._run(batch)
+            elif batch:
                 self._run(batch)
+            del batch  # its prompts' images must not stay alive while the worker waits
 
     def _join_newcomers(self, run, jobs: dict[int, Job]) -> None:
         # A set-aside job waits for this run to end; admitting anyone else meanwhile
@@ -165,6 +173,7 @@ class Batcher:
                 self.stats["set_aside"] += 1
                 return
             (i,) = run.add([job.prompt], [job.config], [job.stream])
+            job.prompt = None
             jobs[i] = job
             self.stats["requests"] += 1
 
@@ -174,6 +183,8 @@ class Batcher:
         jobs: dict[int, Job] = dict(enumerate(batch))
         try:
             run = self.engine.start([j.prompt for j in batch], [j.config for j in batch], [j.stream for j in batch])
+            for j in batch:
+                j.prompt = None  # the run drops its prompts after prefill; so does the job
             for deltas in run:
                 self.stats["steps"] += 1
                 self.stats["row_steps"] += len(run._active)
@@ -182,8 +193,9 @@ class Batcher:
                 for i in run.take_finished():
                     jobs.pop(i).on_event(("done", run.completions[i]))
                 for i, j in jobs.items():
-                    if j.cancelled:
+                    if j.cancelled and not run.rows[i].cancelled:
                         run.cancel(i)
+                        self.stats["cancelled"] += 1
                 if not self._closed:
                     self._join_newcomers(run, jobs)
         except Exception as e:  # one failed batch must not take the server down

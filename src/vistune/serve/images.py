@@ -18,7 +18,7 @@ import io
 import ipaddress
 import re
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 from urllib.parse import urljoin
 
 from PIL import Image
@@ -28,6 +28,8 @@ from ..data.images import ImageError, open_image
 if TYPE_CHECKING:
     import httpx
 
+_WHITESPACE = re.compile(r"\s+")
+_URLSAFE = str.maketrans("-_", "+/")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
 
 
@@ -47,9 +49,11 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     mime = m.group("mime")
     if mime and not mime.startswith("image/"):
         raise RequestImageError(f"data URL has media type {mime!r}, not an image")
-    payload = m.group("data").strip()
+    # Line-wrapped (the `base64` tool's 76 columns) and URL-safe alphabets are common spellings.
+    payload = _WHITESPACE.sub("", m.group("data")).translate(_URLSAFE)
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise RequestImageError(f"image is over the limit of {max_bytes} bytes", code="image_too_large")
+    payload += "=" * (-len(payload) % 4) if len(payload) % 4 != 1 else ""  # URL-safe base64 often drops the padding
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -59,14 +63,23 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     return raw
 
 
-def image_from_bytes(raw: bytes, max_pixels: int) -> Image.Image:
+def image_size(raw: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone; refuses images over ``max_pixels`` before any decoding."""
     try:
         with Image.open(io.BytesIO(raw)) as probe:
             w, h = probe.size
+    except Image.DecompressionBombError:  # PIL's own guard trips first on a huge header: it is a size error
+        raise RequestImageError(f"image is a decompression bomb, far over the limit of {max_pixels} pixels",
+                                code="image_too_large") from None
     except Exception:
         raise RequestImageError("image data cannot be decoded as an image") from None
     if w * h > max_pixels:
         raise RequestImageError(f"image is {w}x{h} pixels, over the limit of {max_pixels}", code="image_too_large")
+    return w, h
+
+
+def image_from_bytes(raw: bytes, max_pixels: int) -> Image.Image:
+    image_size(raw, max_pixels)
     try:
         return open_image(raw, max_pixels)
     except ImageError as e:
@@ -88,11 +101,29 @@ MAX_REDIRECTS = 3
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Cloud metadata services outside the link-local ranges (AWS over IPv6, Alibaba).
+METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("fd00:ec2::254/128", "100.100.100.200/32"))
+
+
+def _unmapped(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is loopback too
+        return ip.ipv4_mapped
+    return ip
+
+
+def metadata_address(ip: IPAddress) -> bool:
+    """Link-local (169.254.169.254, fe80::) or a known cloud metadata address: where a server's
+    credentials are one GET away, so allowing private hosts does not open these."""
+    ip = _unmapped(ip)
+    return ip.is_link_local or any(ip in n for n in METADATA_NETWORKS)
+
+
 def forbidden_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Loopback, private, link-local (cloud metadata at 169.254.169.254), multicast,
     reserved or unspecified: anything that is not a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is loopback too
-        ip = ip.ipv4_mapped
+    ip = _unmapped(ip)
     return not ip.is_global or ip.is_multicast
 
 
@@ -129,13 +160,17 @@ async def _resolve(host: str, timeout_s: float) -> list[str]:
     return addresses
 
 
-def _check_addresses(url: str, addresses: list[str], allow_private: bool) -> None:
-    if allow_private:
-        return
-    # Every address must be public: the fetch may connect to any of them.
+def _check_addresses(url: str, addresses: list[str], allow_private: bool, allowed: Sequence[IPNetwork]) -> None:
+    # Every address must pass: the fetch may connect to any of them.
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if forbidden_address(ip):
+        if any(_unmapped(ip) in n or ip in n for n in allowed):
+            continue  # the operator named it
+        if metadata_address(ip):
+            raise RequestImageError(f"image URL {url!r} points at a link-local or cloud metadata address ({ip}); "
+                                    "this server fetches from it only when it is named with --allow-image-host",
+                                    code="image_url_forbidden")
+        if not allow_private and forbidden_address(ip):
             raise RequestImageError(f"image URL {url!r} points at a non-public address ({ip}); this server "
                                     "fetches only from public hosts", code="image_url_forbidden")
 
@@ -189,11 +224,13 @@ def _client(timeout_s: float) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_keepalive_connections=0))
 
 
-async def fetch_remote(url: str, max_bytes: int, timeout_s: float = 10.0, allow_private: bool = False) -> bytes:
+async def fetch_remote(url: str, max_bytes: int, timeout_s: float = 10.0, allow_private: bool = False,
+                       allowed: Sequence[IPNetwork] = ()) -> bytes:
     """GET an http(s) image. Each hop (the URL and every redirect) must be http(s) and,
     unless ``allow_private``, resolve to public addresses only, so a request cannot make
-    the server reach its own loopback, LAN or cloud metadata service. The host name is
-    resolved once per hop and the connection goes to an address that was checked."""
+    the server reach its own loopback, LAN or cloud metadata service; link-local and metadata
+    addresses stay closed even then, unless in ``allowed`` (addresses the operator named).
+    The host name is resolved once per hop and the connection goes to an address that was checked."""
     import httpx
 
     try:
@@ -201,7 +238,7 @@ async def fetch_remote(url: str, max_bytes: int, timeout_s: float = 10.0, allow_
             for _ in range(MAX_REDIRECTS + 1):
                 target = _parse_target(url)
                 addresses = await _resolve(target.raw_host.decode("ascii"), timeout_s)
-                _check_addresses(url, addresses, allow_private)
+                _check_addresses(url, addresses, allow_private, allowed)
                 resp = await _send_pinned(client, target, addresses)
                 try:
                     if resp.status_code in _REDIRECTS and "location" in resp.headers:

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions schema, as far as vistune serves it (pydantic models)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
@@ -56,7 +56,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    # Unknown OpenAI fields (logprobs, user, ...) are accepted and ignored.
+    # Unknown fields (user, metadata, ...) are accepted and ignored; the OpenAI fields that would
+    # change the answer and that vistune does not implement are listed in UNSUPPORTED and refused.
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -73,6 +74,37 @@ class ChatCompletionRequest(BaseModel):
     # vistune extensions (same names as vLLM's)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    # OpenAI fields vistune does not implement: refused unless absent or at their no-op value.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server would silently ignore, or None."""
+        for name, harmless in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is not None and value not in harmless:
+                return name
+        return None
+
+
+# Field -> the values that ask for nothing (what clients send by default).
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "audio": (), "modalities": (["text"],),
+    "prediction": (),
+}
 
 
 class Usage(BaseModel):

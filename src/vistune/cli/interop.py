@@ -28,10 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="cast the whole model (default: keep the checkpoint's dtypes)")
     imp.set_defaults(func=cmd_import)
 
-    exp = sub.add_parser("export", help="write a vistune model in another format (llava-hf)")
-    exp.add_argument("model", help="vistune model directory")
-    exp.add_argument("--format", default="llava-hf", choices=["llava-hf"])
+    exp = sub.add_parser(
+        "export", help="write a vistune model in another format (llava-hf, or GGUF for llama.cpp)",
+        description="llava-hf: a transformers LlavaForConditionalGeneration directory (transformers, vLLM). "
+                    "gguf: the language model and the mmproj (vision tower + projector) files that llama.cpp's "
+                    "llama-mtmd-cli and llama-server --mmproj run (see docs/interop.md). A LoRA run exports "
+                    "with its adapters merged.",
+    )
+    exp.add_argument("model", help="vistune model directory (or a LoRA run directory)")
+    exp.add_argument("--format", default="llava-hf", choices=["llava-hf", "gguf"])
     exp.add_argument("--out", required=True, help="directory to write")
+    exp.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                     help="gguf: storage type of the weight matrices (vectors stay float32; default f16)")
     exp.add_argument("--key-layout", choices=["old", "new"], default="old",
                      help="old: the Hub's llava-hf key names (read by every transformers and vLLM); "
                           "new: transformers >= 4.52 names (model.language_model.*)")
@@ -68,10 +76,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_checkpoint(args.model, args.out, format=args.format, key_layout=args.key_layout,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, outtype=args.outtype)
     except (InteropError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.format == "gguf":
+        print(f"exported {args.model} -> {args.out} (gguf, {args.outtype})")
+        print(f"  language model: {out.llm}")
+        print(f"  mmproj:         {out.mmproj}")
+        for note in out.notes:
+            print(f"  note: {note}")
+        print(f"  run:   llama-mtmd-cli -m {out.llm} --mmproj {out.mmproj} --image IMAGE -p 'QUESTION'")
+        print(f"  serve: llama-server -m {out.llm} --mmproj {out.mmproj} --jinja")
+        return 0
     print(f"exported {args.model} -> {out} ({args.format}, {args.key_layout} key layout)")
     print(f"  load: LlavaForConditionalGeneration.from_pretrained({str(out)!r}); AutoProcessor.from_pretrained(...)")
     print(f"  serve: vllm serve {out}")

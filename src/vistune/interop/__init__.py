@@ -1,7 +1,9 @@
-"""Checkpoint interop: original LLaVA and llava-hf in, llava-hf out.
+"""Checkpoint interop: original LLaVA and llava-hf in, llava-hf and GGUF (llama.cpp) out.
 
     import_checkpoint(src, out, ...)  any supported checkpoint -> a vistune model directory
     export_checkpoint(model, out)     a vistune model directory -> a llava-hf directory
+    export_checkpoint(model, out, format="gguf", outtype="f16")
+                                      -> the LLM and mmproj GGUF files llama.cpp runs
 
 Formats, key mappings and the serving command: docs/interop.md.
 """
@@ -17,8 +19,8 @@ from .detect import FORMATS, LLAVA_FULL, LLAVA_HF, LLAVA_LORA, LLAVA_PROJECTOR, 
 from .weights import InteropError, UnsafeCheckpointError, read_weights
 
 __all__ = [
-    "FORMATS", "Imported", "InteropError", "UnsafeCheckpointError", "detect_format", "export_checkpoint",
-    "import_checkpoint", "load_foreign", "read_weights",
+    "EXPORT_FORMATS", "FORMATS", "Imported", "InteropError", "UnsafeCheckpointError", "detect_format",
+    "export_checkpoint", "import_checkpoint", "load_foreign", "read_weights",
 ]
 
 
@@ -52,15 +54,48 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, **kwargs) 
     return imported
 
 
+EXPORT_FORMATS = ("llava-hf", "gguf")
+
+
 def export_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, format: str = "llava-hf",
-                      key_layout: str = "old", max_shard_size: str | int = "5GB") -> Path:
-    """Write the vistune model directory ``model`` as ``format`` (llava-hf) at ``out``."""
-    if format != "llava-hf":
-        raise InteropError(f"unknown export format {format!r}; vistune exports llava-hf")
+                      key_layout: str = "old", max_shard_size: str | int = "5GB", outtype: str = "f16"):
+    """Write the vistune model directory (or LoRA run, merged) ``model`` as ``format`` at ``out``.
+
+    llava-hf: returns the directory; gguf: returns a `GgufExport` (the two files and notes).
+    """
+    if format not in EXPORT_FORMATS:
+        raise InteropError(f"unknown export format {format!r}; vistune exports {', '.join(EXPORT_FORMATS)}")
+    if format == "gguf":
+        from .gguf import export_gguf
+        from .gguf_tensors import check_outtype
+
+        check_outtype(outtype)
+        vlm, tok = load_for_export(model)
+        return export_gguf(vlm, tok, out, outtype=outtype, name=export_name(model))
     from .llava_hf import export_llava_hf
 
-    vlm, tok = load_vistune_exact(model)
+    vlm, tok = load_for_export(model)
     return export_llava_hf(vlm, tok, out, key_layout=key_layout, max_shard_size=max_shard_size)
+
+
+def export_name(path: str | os.PathLike) -> str:
+    """A model's name for the files it is exported to: its directory (a run's, for ``RUN/model``)."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "model" else p.name
+
+
+def load_for_export(path: str | os.PathLike):
+    """A vistune model directory as stored (`load_vistune_exact`), or a LoRA run with its adapters merged."""
+    from ..model.adapters import is_adapter_dir
+    from ..model.checkpoint import load_model
+
+    path = Path(path)
+    for cand in (path, path / "model"):
+        if is_adapter_dir(cand):
+            return load_model(cand)
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a full-training run directory
+    return load_vistune_exact(path)
 
 
 def load_vistune_exact(path: str | os.PathLike):

@@ -305,7 +305,10 @@ def check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerB
         raise InteropError(f"the language model has weights outside its base model and head: {stray[:4]}")
     patch = getattr(model.vision.model.config, "patch_size", None)
     if not patch:
-        raise InteropError("llava-hf counts image tokens from the vision tower's patch_size; this tower has none")
+        kind = getattr(model.vision.model.config, "model_type", "?")
+        raise InteropError(f"the vision tower is {kind!r} ({type(model.vision.model).__name__}), which has no "
+                           "patch_size; llava-hf supports ViT towers (CLIP, SigLIP, ...), whose image tokens it "
+                           "counts from the patch_size")
     if cfg.image.size != model.vision.image_size:
         raise InteropError(f"image size {cfg.image.size} differs from the vision tower's {model.vision.image_size}; "
                            "llava-hf's processor would feed the tower the wrong size")

@@ -135,7 +135,7 @@ def test_bad_records_are_counted_once_over_epochs_and_unreadable_ones_stop_a_run
     out = tmp_path / "early"
     with pytest.raises(TooManyBadRecords, match=r"1 bad records of 15, over the 0 that train.max_bad_records"):
         run(cfg.with_overrides([f"output_dir={out}", "train.max_bad_records=0"]))
-    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+    assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
     assert [json.loads(x)["id"] for x in (out / "bad_records.jsonl").read_text().splitlines()] == ["bad.jsonl:15"]
 
 

@@ -204,6 +204,9 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             claim(self.out, resume=kind, overwrite=self.overwrite)
+            # First of the run's files, so that a run stopped at any point leaves its mark. It records what
+            # the run is, not how it started: the file resumes without removing the run.
+            replace(self.cfg, train=replace(self.cfg.train, overwrite=False)).save(self.out / CONFIG_FILE)
         acc.wait_for_everyone()
         return path
 
@@ -259,8 +262,6 @@ class Trainer:
         self._check_records(dataset, bad, bad_limit, n)
 
         if main:
-            # What the run is, not how it was started: its config.yaml resumes without removing it.
-            replace(cfg, train=replace(t, overwrite=False)).save(self.out / CONFIG_FILE)
             log.info("model: %s", describe(raw, cfg))
         if t.report_to:
             acc.init_trackers("vistune", config=_flat(cfg.to_dict()))

@@ -38,8 +38,8 @@ def run_files(out: str | Path) -> list[str]:
 
 
 def earlier_run(out: str | Path) -> list[str]:
-    """What marks ``out`` as holding a run that started training (its config, a checkpoint, a model);
-    empty where at most the files of a run stopped before its first step are there."""
+    """What marks ``out`` as holding a run (its config, which a run writes first, a checkpoint, a
+    model); empty for a new folder, or one that holds other files only."""
     out = Path(out)
     found = [name for name in (CONFIG_FILE, MODEL_DIR) if (out / name).exists()]
     return found + [CHECKPOINTS] * bool(list_checkpoints(out))
@@ -54,10 +54,10 @@ def clean_interrupted_writes(out: str | Path) -> None:
 
 def claim(out: str | Path, *, resume: str | None, overwrite: bool) -> None:
     """Make ``out`` this run's: refuse it when it holds another run (`check_claim`), or remove that
-    run's files (``overwrite``, or what a run stopped before its first step left). Call on one
+    run's files (``overwrite``; files of a folder that holds no run are never touched). Call on one
     process, after every process has run `check_claim`."""
     check_claim(out, resume=resume, overwrite=overwrite)
-    if resume != "inside":  # a new start: what is there was refused, is overwritten, or never got going
+    if overwrite and earlier_run(out):
         out = Path(out)
         for name in run_files(out):
             p = out / name

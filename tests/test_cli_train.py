@@ -26,9 +26,26 @@ def test_train_command(tiny_data, tmp_path, capsys):
     assert "trained 2 steps" in out and str(tmp_path / "run" / "model") in out
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 2
     assert main(["train", str(cfg_file), "train.max_steps=3", "train.save_every=1", "--resume"]) == 1
-    assert "data plan changed" in capsys.readouterr().err  # total steps differ from the checkpoint's
+    assert "train.max_steps: 2 there, 3 now" in capsys.readouterr().err  # the schedule would differ
     assert main(["merge-lora", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 1
     assert "plain model directory" in capsys.readouterr().err
+
+
+def test_config_errors_are_one_line_before_anything_loads(tiny_data, tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run").to_dict()))
+    assert main(["train", str(cfg_file), "data.template=vicuna", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.template: unknown template 'vicuna'") and err.count("\n") == 1
+    for key, value in (("model.tokenizer", tmp_path / "no-tokenizer"), ("data.train", tmp_path / "no.jsonl")):
+        assert main(["train", str(cfg_file), f"{key}={value}"]) == 1
+        assert capsys.readouterr().err == f"error: {key}: {'folder' if key == 'model.tokenizer' else 'file'} " \
+                                          f"not found: {value}\n"
+    stage2 = {**tiny_config(tiny_data, tmp_path / "run").to_dict(), "model": {"from": str(tmp_path / "stage1")}}
+    cfg_file.write_text(yaml.safe_dump(stage2))
+    assert main(["train", str(cfg_file)]) == 1
+    assert capsys.readouterr().err == f"error: model.from: folder not found: {tmp_path / 'stage1'}\n"
+    assert not (tmp_path / "run").exists()  # refused before the output folder was made
 
 
 def test_make_tiny_data_and_cache_features_commands(tmp_path, capsys):

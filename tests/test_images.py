@@ -72,6 +72,20 @@ def test_missing_corrupt_and_bomb(tmp_path):
         open_image(trunc)
 
 
+def test_a_huge_image_is_refused_without_pils_warning(tmp_path, monkeypatch):
+    import warnings
+
+    # PIL warns past MAX_IMAGE_PIXELS (89 M by default); lowered here so that a small image is "huge"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3_000_000)
+    huge = tmp_path / "huge.png"
+    Image.new("L", (2000, 2000)).save(huge)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="huge.png has 2000x2000 pixels, over the limit"):
+            open_image(huge, max_pixels=1_000_000)
+    assert [str(w.message) for w in seen] == []
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="aspect"):
         ImageConfig(aspect="stretch")

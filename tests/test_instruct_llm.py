@@ -280,3 +280,51 @@ def test_cli_rules_backend_is_called_lazily(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     assert calls == [(["1", "2"], ["detail", "reasoning"], 7)]
     assert [r["id"] for r in read(out)] == ["1-detail", "1-reasoning", "2-detail", "2-reasoning"]
+
+
+def test_images_without_captions_are_skipped_and_counted(tmp_path, caplog):
+    out = tmp_path / "out.jsonl"
+    images = anns(3)
+    images[1].captions = ["  "]  # nothing to build a prompt on: an LLM would invent the picture
+    with StubLLM() as stub, caplog.at_level(logging.WARNING, "vistune.instruct.llm"):
+        s = generate_with_llm(images, ["conversation"], out, cfg(stub), progress=False)
+        assert sorted(stub.requests) == [(1, "conversation"), (3, "conversation")]
+    assert (s.jobs, s.written, s.failed, s.no_captions) == (2, 2, 0, 1)
+    assert "1 image(s) without captions skipped" in s.report()
+    assert "1 image(s) have no caption and were skipped (first: 2)" in caplog.text
+
+
+def test_a_detail_reply_that_describes_nothing_is_rejected(tmp_path, caplog):
+    out = tmp_path / "out.jsonl"
+    chatty = Reply(content="Sure! Here are some thoughts about the picture. It has shapes.")
+    with StubLLM({(2, "detail"): [chatty]}) as stub, caplog.at_level(logging.WARNING, "vistune.instruct.llm"):
+        s = generate_with_llm(anns(2), ["detail"], out, cfg(stub), progress=False)
+    assert (s.written, s.rejected) == (1, 1)  # image 1's reply names its cat
+    assert "image 2 detail: rejected: not a description: names 0 of the image's 1 annotated" in caplog.text
+    assert [r["id"] for r in read(out)] == ["1-detail"]
+
+
+def test_a_200_with_broken_json_is_retried(tmp_path, caplog):
+    out = tmp_path / "out.jsonl"
+    script = {(1, "reasoning"): [Reply(body=b'{"id": "chatcmpl-1", "choices": [{"ind'), Reply()]}
+    delays, sleep = record_sleeps()
+    with StubLLM(script) as stub, caplog.at_level(logging.INFO, "vistune.instruct.llm"):
+        s = generate_with_llm(anns(1), ["reasoning"], out, cfg(stub), progress=False, sleep=sleep)
+        assert stub.counts()[(1, "reasoning")] == 2
+    assert (s.written, s.failed, s.retries) == (1, 0, 1)
+    assert "image 1 reasoning: broken JSON in a 200 response, retry 1/3" in caplog.text
+
+
+def test_an_unreachable_server_stops_the_run_early(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    delays, sleep = record_sleeps()
+    config = LLMConfig(model="m", base_url=url, api_key_env="VISTUNE_TEST_NO_KEY", concurrency=2, max_attempts=6,
+                       backoff_base=0.01, backoff_max=0.05, timeout=5.0, max_connection_failures=5)
+    with pytest.raises(LLMError, match=rf"cannot reach {url}: 5 requests in a row failed to connect.*is the server up"):
+        generate_with_llm(anns(20), ["conversation"], tmp_path / "out.jsonl", config, progress=False, sleep=sleep)
+    assert len(delays) <= 5  # not 20 jobs x 6 attempts

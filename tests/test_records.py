@@ -25,6 +25,7 @@ def test_parse_single_and_multi_image():
     (lambda d: d.update(image=5), "path or a list"),
     (lambda d: d["conversations"].reverse(), "roles out of order"),
     (lambda d: d["conversations"][1].update(value=""), "empty turn"),
+    (lambda d: d["conversations"][1].update(value=42), r"turn 1 \(gpt\): 'value' is not a string \(int 42\)"),
     (lambda d: d["conversations"][0].update(value="no placeholder"), "no <image> placeholder"),
     (lambda d: d.pop("image"), "placeholder\\(s\\) but no image"),
     (lambda d: d["conversations"][0].update(**{"from": "bot"}), "unknown role"),

@@ -70,3 +70,14 @@ def test_report_files_and_cli(data, tmp_path, capsys, tokenizer):
     assert json.loads((tmp_path / "t" / "stats.json").read_text())["unit"] == "tokens"
     assert main(["data", "stats", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_one_outlier_does_not_crush_the_histogram(tmp_path):
+    from vistune.instruct.stats import DataStats, length_bins, to_markdown
+
+    values = list(range(1, 1000)) + [1_000_000]
+    bins, outliers = length_bins(values)
+    # 50 bins over 1..995 (p99.5), not 20 000 records wide each; the top 0.5 % (996..999 and the outlier) counted
+    assert (bins[0], bins[-1], len(bins), outliers) == (1, 995, 51, 5)
+    st = DataStats("d.jsonl", "words", lengths={"x": values})
+    assert "5 longer record(s), up to 1000000, are not shown" in to_markdown(st, "lengths.png")

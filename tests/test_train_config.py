@@ -68,6 +68,13 @@ def test_inline_model_configs_and_nested_overrides(tmp_path):
     (["lora.bits=3"], r"lora.bits must be 4, 8 or 16"),
     (["train.report_to=[mlflow]"], r"unknown tracker 'mlflow'"),
     (["train"], r"override 'train' is not key=value"),
+    # checked at load, not once the model has loaded (nor accepted by --print-config)
+    (["data.template=vicuna"], r"data.template: unknown template 'vicuna'; known templates: .*vicuna_v1"),
+    (["model.image_aspect=square"], r"model.image_aspect must be one of pad, resize, crop, got 'square'"),
+    (["data.max_length=0"], r"data.max_length must be >= 1, got 0"),
+    (["lora.dropout=1.5"], r"lora.dropout must be in \[0, 1\)"),
+    (["train.max_grad_norm=-1"], r"train.max_grad_norm must be >= 0"),
+    (["train.resume=auto", "train.overwrite=true"], r"train.overwrite removes the checkpoints that train.resume"),
 ])
 def test_bad_configs_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -129,6 +129,8 @@ def register_instruct(dsub: argparse._SubParsersAction) -> None:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--max-attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts (default 6)")
     i.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds; doubles each retry")
+    i.add_argument("--max-connection-failures", type=int, default=20,
+                   help="stop the run after this many requests in a row could not reach the server (default 20)")
     i.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     i.add_argument("--temperature", type=float, default=None, help="default: the server's")
     i.add_argument("--max-tokens", type=int, default=None, help="default: the server's")
@@ -198,7 +200,8 @@ def cmd_instruct(args: argparse.Namespace) -> int:
     cfg = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
                     concurrency=args.concurrency, max_attempts=args.max_attempts, backoff_base=args.backoff,
                     timeout=args.timeout, temperature=args.temperature, max_tokens=args.max_tokens,
-                    price_in=args.price_in, price_out=args.price_out, seed=args.seed)
+                    price_in=args.price_in, price_out=args.price_out, seed=args.seed,
+                    max_connection_failures=args.max_connection_failures)
     try:
         with logging_redirect_tqdm():
             summary = generate_with_llm(anns, kinds, args.out, cfg, limit=args.limit)

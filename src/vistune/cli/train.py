@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (train.epochs=2 data.packing=true)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the newest checkpoint of output_dir (or from the given checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the files of an earlier run in output_dir first (without it, such a folder is "
+                        "refused); the same as train.overwrite=true")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
@@ -58,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.loop import TooManyBadRecords, run
 
     try:
-        r = run(cfg, resume=args.resume)
+        r = run(cfg, resume=args.resume, overwrite=args.overwrite or None)
     except (ConfigError, TooManyBadRecords) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -127,6 +127,17 @@ class VLDataset(Dataset):
             "image_paths": t.images,
         }
 
+    def unreadable_records(self) -> list[dict]:
+        """The records that fail to parse (broken JSON, not UTF-8, not the LLaVA format), as
+        ``{"id", "reason", "index"}``: found without opening an image or running the tokenizer."""
+        out = []
+        for i in range(len(self)):
+            try:
+                self.record(i)
+            except SampleError as e:
+                out.append({"id": e.record_id, "reason": e.reason, "index": i})
+        return out
+
     def modality_lengths(self) -> list[int]:
         """Cheap length estimates (words + image tokens), negative for text-only samples.
 

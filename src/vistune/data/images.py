@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         raise ImageError(f"cannot read image {name}: {e}") from None
     with fp:
         try:
-            img = Image.open(fp)
+            with warnings.catch_warnings():
+                # PIL warns of large images as it opens them; the pixel limit below refuses them with a clear error
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"image {name} has {w}x{h} pixels, over the limit of {max_pixels}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -89,7 +90,10 @@ def parse_record(obj: object, source: str = "") -> Record:
             raise fail(
                 f"turn {i}: roles out of order (expected {'human' if expect_human else 'gpt'}, got {role!r})"
             )
-        if not isinstance(turn["value"], str) or not turn["value"].strip():
+        if not isinstance(turn["value"], str):
+            raise fail(f"turn {i} ({role}): 'value' is not a string ({type(turn['value']).__name__} "
+                       f"{turn['value']!r:.40})")
+        if not turn["value"].strip():
             raise fail(f"turn {i} ({role}): empty turn")
         if role in ASSISTANT_ROLES and IMAGE_PLACEHOLDER in turn["value"]:
             raise fail(f"turn {i}: {IMAGE_PLACEHOLDER} placeholder in an assistant reply")
@@ -131,14 +135,17 @@ class RecordFile(Sequence[Record]):
                     off += len(line)
             self._items = None
         else:
-            with open(self.path, encoding="utf-8") as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise RecordError(str(self.path), f"not valid JSON: {e}") from None
+            raw = self.path.read_bytes()
+            # Bytes that are not UTF-8 become lone surrogates, so that only the records holding them are bad.
+            text = raw.decode("utf-8", errors="surrogateescape")
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecordError(str(self.path), f"not valid JSON: {e}") from None
             if not isinstance(data, list):
                 raise RecordError(str(self.path), "a LLaVA JSON file must hold a list of records")
             self._items = data
+            self._text = text if _SURROGATE.search(text) else None
 
     def __len__(self) -> int:
         return len(self._offsets) if self._jsonl else len(self._items)
@@ -150,10 +157,31 @@ class RecordFile(Sequence[Record]):
                 line = f.readline()
             where = f"{self.path.name}:{self._lines[i]}"
             try:
-                return json.loads(line), where
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte 0x{line[e.start]:02x} at column {e.start + 1}"
+                raise RecordError(where, f"not valid UTF-8 ({byte})") from None
+            try:
+                return json.loads(text), where
             except json.JSONDecodeError as e:
                 raise RecordError(where, f"not valid JSON: {e}") from None
-        return self._items[i], f"{self.path.name}[{i}]"
+        obj, where = self._items[i], f"{self.path.name}[{i}]"
+        if self._text is not None and _has_surrogate(obj):
+            raise RecordError(where, f"not valid UTF-8 ({self._bad_line(i)})")
+        return obj, where
+
+    def _bad_line(self, i: int) -> str:
+        """Where record ``i`` of a JSON list holds bytes that are not UTF-8: its first such line."""
+        dec = json.JSONDecoder()
+        text, pos = self._text, self._text.index("[") + 1
+        for _ in range(i + 1):
+            pos = _skip(text, pos)
+            start = pos
+            _, pos = dec.raw_decode(text, pos)
+            pos = _skip(text, pos)
+        bad = _SURROGATE.search(text, start, pos)
+        line = text.count("\n", 0, bad.start() if bad else start) + 1
+        return f"line {line}"
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
@@ -166,14 +194,34 @@ class RecordFile(Sequence[Record]):
             yield self[i]
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _has_surrogate(obj: object) -> bool:
+    if isinstance(obj, str):
+        return _SURROGATE.search(obj) is not None
+    if isinstance(obj, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_surrogate(v) for v in obj)
+    return False
+
+
+def _skip(text: str, pos: int) -> int:
+    """Past the whitespace and comma between the items of a JSON list."""
+    while pos < len(text) and text[pos] in " \t\r\n,":
+        pos += 1
+    return pos
+
+
 def _is_jsonl(path: Path) -> bool:
     if path.suffix == ".jsonl":
         return True
     if path.suffix == ".json":
         return False
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a first line that is not UTF-8 is one bad record, not the file's end
         head = f.read(1024).lstrip()
-    return not head.startswith("[")
+    return not head.startswith(b"[")
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:

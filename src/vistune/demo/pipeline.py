@@ -30,7 +30,7 @@ from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config
-from ..train.checkpoints import CHECKPOINTS
+from ..train.checkpoints import CHECKPOINTS, latest_checkpoint
 from ..train.config import PRESETS_DIR
 from ..train.features import cache_features_for_config
 from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
@@ -177,6 +177,14 @@ def _train(preset: str, overrides: dict, out_dir: Path):
     return train_preset(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
 
 
+def _continue_or_restart(run_dir: Path, resume: bool) -> dict:
+    """A stage continues from its newest checkpoint when the demo resumes and it has one; else it
+    starts afresh over what an earlier demo left in its folder (the demo owns OUT)."""
+    if resume and latest_checkpoint(run_dir) is not None:
+        return {"train.resume": "auto"}
+    return {"train.overwrite": True}
+
+
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     """torch's thread count set to ``n`` for the block, and put back after it."""
@@ -277,8 +285,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                # ablation (the same tower) read them instead of decoding and encoding images each step.
                "data.feature_cache": str(out / "feature_cache"),
                "train.save_every": cfg.checkpoint_every}
-    if cfg.resume:
-        common2["train.resume"] = "auto"  # the newest checkpoint in the run's folder, if any
     if cfg.stage2_lr is not None:
         common2["train.lr"] = cfg.stage2_lr
     if cfg.stage2_muon_lr is not None:
@@ -288,7 +294,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     no_stage1 = {**common2, "model.from": None, "model.vision": common1["model.vision"],
                  "model.llm": common1["model.llm"], "model.projector": s1_model.projector,
                  "model.vision_feature_layer": s1_model.vision_feature_layer,
-                 "output_dir": str(out / "ablation-no-stage1")}
+                 "output_dir": str(out / "ablation-no-stage1"),
+                 **_continue_or_restart(out / "ablation-no-stage1", cfg.resume)}
     main_threads, side_threads = machine.main_threads, machine.side_threads
     side = None
     if side_threads:
@@ -302,12 +309,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.set_num_threads(main_threads)
     try:
         with phase("stage 1: feature alignment (projector only)"):
-            s1 = _train("demo-stage1.yaml", common1, out / "stage1")
+            s1 = _train("demo-stage1.yaml", {**common1, **_continue_or_restart(out / "stage1", cfg.resume)},
+                        out / "stage1")
         with phase("stage 2: instruction tuning (projector + LLM)"):
             if compiled:
                 # The bar stands still while inductor compiles; say why, so it does not look hung.
                 print("   the LM is compiled (torch.compile): the first step takes about a minute", flush=True)
-            s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2")
+            s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir),
+                                             **_continue_or_restart(out / "stage2", cfg.resume)}, out / "stage2")
         runs = {"stage1": s1, "stage2": s2}
         if cfg.ablations:
             # Side by side, this phase's time is only the wait for the side run to finish.

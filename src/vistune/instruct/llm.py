@@ -59,12 +59,16 @@ class LLMConfig:
     price_in: float = DEFAULT_PRICE_IN
     price_out: float = DEFAULT_PRICE_OUT
     seed: int = 0
+    # Requests in a row that could not connect before the run stops: a server that is down fails every job,
+    # and retrying each of them to max_attempts would take hours to say so.
+    max_connection_failures: int = 20
 
 
 @dataclass
 class RunSummary:
     jobs: int = 0  # (image, kind) pairs asked for
     skipped: int = 0  # already in the output
+    no_captions: int = 0  # images left out: nothing to describe them with
     written: int = 0
     rejected: int = 0
     failed: int = 0
@@ -82,6 +86,7 @@ class RunSummary:
         lines = [
             f"{self.written} written, {self.skipped} already done, {self.rejected} rejected, "
             f"{self.failed} failed (of {self.jobs} jobs) in {self.seconds:.1f}s",
+            *([f"{self.no_captions} image(s) without captions skipped"] if self.no_captions else []),
             f"{self.requests} requests, {self.retries} retries; tokens: {self.prompt_tokens} prompt + "
             f"{self.completion_tokens} completion; estimated cost ${self.cost(price_in, price_out):.4f} "
             f"(at ${price_in}/M in, ${price_out}/M out)",
@@ -132,7 +137,7 @@ def completion_record(ann: ImageAnnotation, kind: str, response, seed: int) -> d
         raise CompletionError("refusal: stopped by the content filter")
     if choice.finish_reason == "length":
         raise CompletionError("truncated (finish_reason=length); raise --max-tokens")
-    pairs = parse_completion(kind, message.content)
+    pairs = parse_completion(kind, message.content, ann)
     return to_record(ann, kind, pairs, job_rng(seed, ann, kind))
 
 
@@ -205,7 +210,9 @@ def retry_reason(exc: BaseException) -> str | None:
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return "connection error"
+        return CONNECTION_ERROR
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
+        return "broken JSON in a 200 response"  # a proxy or server that cut its reply: as flaky as a 5xx
     if isinstance(exc, openai.APIStatusError):
         s = exc.status_code
         if s == 429:
@@ -213,6 +220,9 @@ def retry_reason(exc: BaseException) -> str | None:
         if s >= 500 or s in (408, 409):
             return f"{s} server error"
     return None
+
+
+CONNECTION_ERROR = "connection error"
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -269,6 +279,7 @@ class _Runner:
                  sleep: Callable[[float], Awaitable[None]]):
         self.client, self.cfg, self.out, self.summary, self.sleep = client, cfg, out, summary, sleep
         self.jitter = random.Random(cfg.seed)
+        self.unreachable = 0  # requests in a row that could not connect
 
     async def request(self, messages: list[dict], where: str):
         cfg = self.cfg
@@ -280,11 +291,17 @@ class _Runner:
         for attempt in range(cfg.max_attempts):
             self.summary.requests += 1
             try:
-                return await self.client.chat.completions.create(**kwargs)
+                response = await self.client.chat.completions.create(**kwargs)
+                self.unreachable = 0
+                return response
             except Exception as exc:  # noqa: BLE001 - sorted into retry / fatal / give up below
                 if is_fatal(exc):
                     raise LLMError(f"{where}: {type(exc).__name__}: {exc} (check --model, --base-url and the API key)") from exc
                 reason = retry_reason(exc)
+                self.unreachable = self.unreachable + 1 if reason == CONNECTION_ERROR else 0
+                if self.unreachable >= cfg.max_connection_failures:
+                    raise LLMError(f"cannot reach {cfg.base_url or 'the OpenAI API'}: {self.unreachable} requests in "
+                                   f"a row failed to connect ({exc}); is the server up? Rerun to continue") from exc
                 if reason is None:
                     raise
                 if attempt + 1 == cfg.max_attempts:
@@ -366,7 +383,12 @@ def plan_jobs(annotations: Sequence[ImageAnnotation], kinds: Sequence[str], limi
     """(image, kind) pairs in file order; `limit` counts images, so a rerun with the same
     limit asks for the same set."""
     anns = list(annotations)[:limit] if limit is not None else list(annotations)
-    return [(a, k) for a in anns for k in kinds]
+    return [(a, k) for a in anns if has_captions(a) for k in kinds]
+
+
+def has_captions(ann: ImageAnnotation) -> bool:
+    """Every kind's prompt builds on the captions: without one, an LLM would invent the image."""
+    return any(c.strip() for c in ann.captions)
 
 
 def generate_with_llm(
@@ -384,14 +406,20 @@ def generate_with_llm(
     kinds = check_kinds(list(kinds))
     if Path(out_path).suffix == ".json":
         raise ValueError(f"{out_path}: the output is appended one record per line: name it .jsonl")
-    if cfg.concurrency < 1 or cfg.max_attempts < 1:
-        raise ValueError("concurrency and max_attempts must be at least 1")
+    if cfg.concurrency < 1 or cfg.max_attempts < 1 or cfg.max_connection_failures < 1:
+        raise ValueError("concurrency, max_attempts and max_connection_failures must be at least 1")
     api_key(cfg)  # fail before touching the output
     summary = RunSummary()
     start = time.perf_counter()
     out = OutputLog(out_path)
     try:
         all_jobs = plan_jobs(annotations, kinds, limit)
+        asked = list(annotations)[:limit] if limit is not None else list(annotations)
+        missing = [a.id for a in asked if not has_captions(a)]
+        summary.no_captions = len(missing)
+        if missing:
+            log.warning("%d image(s) have no caption and were skipped (first: %s)", len(missing),
+                        ", ".join(missing[:5]))
         summary.jobs = len(all_jobs)
         jobs = [(a, k) for a, k in all_jobs if job_id(a, k) not in out.done]
         summary.skipped = summary.jobs - len(jobs)

@@ -241,6 +241,39 @@ def _check_text(text: str, what: str) -> None:
         raise CompletionError(f"{what} mentions its sources ({_SOURCES.search(text).group(0)!r})")
 
 
+# Caption words that name nothing in the image, left out of what a description must mention.
+_FUNCTION_WORDS = frozenset(
+    "a an the and or of on in at to with without from by for near next beside above below under over behind "
+    "into onto this that these those there here is are was were be been it its their they them some several "
+    "two three four five many few one other another very picture image photo scene shows showing".split())
+MIN_DESCRIBED = 2  # terms of the annotation a detailed description names at least (fewer if it has fewer)
+
+
+def annotated_terms(ann: ImageAnnotation) -> set[str]:
+    """What a description of ``ann`` can name: its boxes' categories and attribute values, or
+    without boxes its captions' content words."""
+    terms = {b.category.lower().strip() for b in ann.boxes}
+    terms |= {str(v).lower().strip() for b in ann.boxes for v in b.attributes.values() if isinstance(v, str)}
+    if not terms:
+        terms = {w for c in ann.captions for w in re.findall(r"[a-z]+", c.lower())
+                 if len(w) > 2 and w not in _FUNCTION_WORDS}
+    return {t for t in terms if t}
+
+
+def check_describes(text: str, ann: ImageAnnotation) -> None:
+    """Raise CompletionError where ``text`` names fewer than `MIN_DESCRIBED` of the annotated terms:
+    a chatty reply ("Sure! Here are some thoughts about the picture.") describes nothing."""
+    terms = annotated_terms(ann)
+    if not terms:
+        return
+    low = text.lower()
+    named = {t for t in terms if re.search(rf"\b{re.escape(t)}(e?s)?\b", low)}
+    need = min(MIN_DESCRIBED, len(terms))
+    if len(named) < need:
+        raise CompletionError(f"not a description: names {len(named)} of the image's {len(terms)} annotated "
+                              f"objects and attributes, at least {need} needed")
+
+
 def parse_qa(text: str) -> list[tuple[str, str]]:
     """`Question:` / `Answer:` blocks -> pairs. Separators (`===`) are optional; text before
     the first marker (a chatty preamble) is dropped."""
@@ -267,10 +300,12 @@ def parse_qa(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_completion(kind: str, text: str | None) -> list[tuple[str, str | None]]:
+def parse_completion(kind: str, text: str | None, ann: ImageAnnotation | None = None
+                     ) -> list[tuple[str, str | None]]:
     """Completion text -> (question, answer) pairs for `kind`.
 
-    ``detail`` returns one pair with question None (the caller draws an instruction).
+    ``detail`` returns one pair with question None (the caller draws an instruction); with
+    ``ann``, it must name what the image holds (`check_describes`).
     Raises `CompletionError` for refusals, malformed text and leaked sources.
     """
     text = (text or "").strip()
@@ -282,6 +317,8 @@ def parse_completion(kind: str, text: str | None) -> list[tuple[str, str | None]
         if _MARKER.search(text) or _SEPARATOR.search(text):
             raise CompletionError("detail description contains Question/Answer markers")
         _check_text(text, "description")
+        if ann is not None:
+            check_describes(text, ann)
         return [(None, text)]  # type: ignore[list-item]
     pairs = parse_qa(text)
     if kind == "reasoning" and len(pairs) != 1:

@@ -20,6 +20,7 @@ from ..text.templates import IMAGE_PLACEHOLDER
 
 PERCENTILES = (50, 90, 95, 99)
 NO_KIND = "(no kind)"
+CLIP_PERCENTILE = 99.5  # the length histogram's range; longer records are counted, not drawn
 
 
 @dataclass
@@ -122,11 +123,27 @@ def to_markdown(st: DataStats, plot_name: str | None = None) -> str:
         lines += ["", "Invalid records (first ones):", ""] + [f"- {p}" for p in st.problems]
     if plot_name:
         lines += ["", f"![length histogram]({plot_name})"]
+        allv = [v for vs in st.lengths.values() for v in vs]
+        if allv:
+            bins, outliers = length_bins(allv)
+            if outliers:
+                lines += ["", f"The histogram stops at the {CLIP_PERCENTILE:g}th percentile, {bins[-1]:.0f} {st.unit}: "
+                              f"{outliers} longer record(s), up to {max(allv)}, are not shown."]
     return "\n".join(lines) + "\n"
 
 
+def length_bins(values: list[int], clip: float = CLIP_PERCENTILE) -> tuple[np.ndarray, int]:
+    """Histogram bin edges up to the ``clip`` percentile, and how many values lie past them: one
+    very long record would otherwise squeeze every other into the first bin."""
+    arr = np.asarray(values)
+    hi = float(np.percentile(arr, clip))
+    shown = arr[arr <= hi]
+    bins = np.histogram_bin_edges(shown, bins=min(50, max(5, len(set(shown.tolist())))))
+    return bins, int((arr > bins[-1]).sum())
+
+
 def plot_lengths(st: DataStats, path: str | os.PathLike) -> None:
-    """One step histogram per kind on shared bins."""
+    """One step histogram per kind on shared bins, up to the 99.5th percentile (the rest counted in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +151,18 @@ def plot_lengths(st: DataStats, path: str | os.PathLike) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     allv = [v for vs in st.lengths.values() for v in vs]
+    title = Path(st.path).name
     if allv:
-        bins = np.histogram_bin_edges(allv, bins=min(50, max(5, len(set(allv)))))
+        bins, outliers = length_bins(allv)
         for kind in sorted(st.lengths):
-            ax.hist(st.lengths[kind], bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({len(st.lengths[kind])})")
+            shown = [v for v in st.lengths[kind] if v <= bins[-1]]
+            ax.hist(shown, bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({len(st.lengths[kind])})")
         ax.legend()
+        if outliers:
+            title += f" ({outliers} longer than {bins[-1]:.0f} not shown, up to {max(allv)})"
     ax.set_xlabel(f"record length ({st.unit})")
     ax.set_ylabel("records")
-    ax.set_title(Path(st.path).name)
+    ax.set_title(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)

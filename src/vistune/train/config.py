@@ -25,6 +25,7 @@ MODULE_MODES = ("frozen", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+IMAGE_ASPECTS = ("pad", "resize", "crop")
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: no intermediate checkpoints
     keep_last: int = 2
     resume: str | None = None  # "auto" (newest checkpoint of output_dir) or a checkpoint path
+    overwrite: bool = False  # remove the files of an earlier run in output_dir first (else such a folder is refused)
     max_bad_records: float = 0.01  # >= 1: a count; < 1: a fraction of the data set
     save_projector: bool = True  # also write OUTPUT_DIR/projector.safetensors when the projector learns
     log_every: int = 1
@@ -360,6 +362,25 @@ def validate(cfg: RunConfig) -> None:
             check_projector_type(m.projector)
         except ValueError as e:
             raise ConfigError(f"model.projector: {e}") from None
+    if data.template is not None:
+        from ..text.templates import get_template
+
+        try:
+            get_template(data.template)
+        except ValueError as e:
+            raise ConfigError(f"data.template: {e}") from None
+    if t.overwrite and t.resume not in (None, "", "none"):
+        raise ConfigError("train.overwrite removes the checkpoints that train.resume continues from: set one of them")
+    if m.image_aspect not in IMAGE_ASPECTS:
+        raise ConfigError(f"model.image_aspect must be one of {', '.join(IMAGE_ASPECTS)}, got {m.image_aspect!r}")
+    for key in ("max_length", "pack_length"):
+        v = getattr(data, key)
+        if v is not None and v < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {v}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if t.max_grad_norm is not None and t.max_grad_norm < 0:
+        raise ConfigError(f"train.max_grad_norm must be >= 0 (0 or null: no clipping), got {t.max_grad_norm}")
     if m.vision_feature_select not in ("patch", "cls_patch"):
         raise ConfigError(f"model.vision_feature_select must be patch or cls_patch, got {m.vision_feature_select!r}")
     for part in ("vision", "projector", "llm"):
@@ -412,6 +433,28 @@ def validate(cfg: RunConfig) -> None:
             f"data.feature_cache needs a frozen vision tower (train.vision is {t.vision!r}): "
             "cached features would go stale as the tower learns"
         )
+
+
+def check_paths(cfg: RunConfig, data: bool = True) -> None:
+    """The files and folders a run reads (the model's; with ``data``, the data's too) must be there: checked
+    when it starts, not at load, so that a preset naming an earlier stage's output loads before that runs."""
+    m, d = cfg.model, cfg.data
+    wanted = [("model.from", m.from_, "dir"), ("model.tokenizer", m.tokenizer, "dir"),
+              ("model.projector_from", m.projector_from, "file")]
+    if data:
+        wanted += [("data.train", d.train, "file"), ("data.images", d.images, "dir")]
+    wanted += [(f"model.{part}", getattr(m, part), "dir") for part in ("vision", "llm")
+               if isinstance(getattr(m, part), str)]
+    for key, value, kind in wanted:
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.exists():
+            raise ConfigError(f"{key}: {'folder' if kind == 'dir' else 'file'} not found: {value}")
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{key}: {value} is a file, not a folder")
+        if kind == "file" and p.is_dir():
+            raise ConfigError(f"{key}: {value} is a folder, not a file")
 
 
 def module_lr(t: TrainConfig, part: str) -> float:

@@ -151,6 +151,14 @@ class FeatureDataset(VLDataset):
         super().__init__(records, text, None, image_config, cache_tokens=cache_tokens)
         self.cache = cache
 
+    def unreadable_records(self) -> list[dict]:
+        """Those of VLDataset, and the records whose images the cache could not encode."""
+        found = {b["index"]: b for b in super().unreadable_records()}
+        for i, reason in self.cache.bad.items():
+            if i not in found:
+                found[i] = {"id": self.record(i).id, "reason": reason, "index": i}
+        return [found[i] for i in sorted(found)]
+
     def __getitem__(self, i: int) -> dict:
         if i in self.cache.bad:
             raise SampleError(self.record(i).id, self.cache.bad[i])

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,19 +27,20 @@ from ..hardware import bf16_support, keep_freed_memory
 from ..model.checkpoint import save_model
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig, check_paths
 from .features import AUTOCAST_DTYPES, cached_dataset
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
 from .optim import build_optimizer, build_scheduler, orthogonalization_dtype
 from .packing import use_packed_attention
+from .resume import check_settings, run_settings
+from .rundir import BAD_RECORDS_FILE, CONFIG_FILE, CUT_RECORDS_FILE, check_claim, claim, clean_interrupted_writes
 from .sampler import BatchPlan
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, save_projector,
                      set_train_mode, trainable_state_dict)
 
 log = logging.getLogger("vistune.train")
 
-CUT_RECORDS_FILE = "cut_records.jsonl"
-SHOWN_CUTS = 5  # cuts named as they happen; the file lists them all
+SHOWN_CUTS = 5  # cuts (and bad records found before the first step) named as they happen; the files list them all
 
 
 def check_sharding(kind: DistributedType, t: TrainConfig) -> bool:
@@ -90,12 +91,13 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a distributed run
 
 
-def run(config: RunConfig, resume: str | None = None) -> TrainResult:
+def run(config: RunConfig, resume: str | None = None, overwrite: bool | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the model and metrics went.
 
-    ``resume`` ("auto" or a checkpoint path) overrides ``config.train.resume``.
+    ``resume`` ("auto" or a checkpoint path) overrides ``config.train.resume``, ``overwrite``
+    ``config.train.overwrite`` (remove an earlier run's files from ``output_dir`` first).
     """
-    return Trainer(config, resume=resume).train()
+    return Trainer(config, resume=resume, overwrite=overwrite).train()
 
 
 def mixed_precision(precision: str, device_type: str) -> str:
@@ -117,9 +119,10 @@ def _check_trackers(names: list[str]) -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, resume: str | None = None):
+    def __init__(self, config: RunConfig, resume: str | None = None, overwrite: bool | None = None):
         self.cfg = config
         self.resume = resume if resume is not None else config.train.resume
+        self.overwrite = overwrite if overwrite is not None else config.train.overwrite
         self.out = Path(config.output_dir)
 
     # -- setup -----------------------------------------------------------------
@@ -163,15 +166,13 @@ class Trainer:
         d = self.cfg.data
         if not d.train:
             raise ConfigError("data.train (a LLaVA JSON/JSONL file) is required")
-        if not Path(d.train).exists():
-            raise ConfigError(f"data.train: file not found: {d.train}")
         text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system)
         if d.feature_cache is not None:
             return cached_dataset(self.cfg, model, text, acc)
         return VLDataset(d.train, text, d.images, model.config.image, cache_tokens=d.cache_tokens)
 
     def _resume_path(self) -> Path | None:
-        if self.resume in (None, "", "none", False):
+        if not self._resuming():
             return None
         if self.resume == "auto":
             return ckpt.latest_checkpoint(self.out)
@@ -180,18 +181,47 @@ class Trainer:
             raise ConfigError(f"train.resume: {p} is not a complete checkpoint (no {ckpt.STATE_FILE})")
         return p
 
+    def _resuming(self) -> bool:
+        return self.resume not in (None, "", "none", False)
+
+    def _claim_output_dir(self) -> Path | None:
+        """The checkpoint to resume from (if any), once ``output_dir`` is this run's: cleared of what
+        interrupted writes left, refused if it holds another run, emptied of it with ``overwrite``."""
+        acc = self.acc
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_interrupted_writes(self.out)
+        acc.wait_for_everyone()
+        path = self._resume_path()
+        if path is not None:
+            kind = "inside" if path.resolve().parent.parent == self.out.resolve() else "elsewhere"
+        else:
+            kind = "nothing" if self._resuming() else None
+        # Every process checks (the same files), so that a refusal stops them all rather than one.
+        check_claim(self.out, resume=kind, overwrite=self.overwrite)
+        if path is not None:
+            check_settings(path, ckpt.read_state(path).get("settings"), self.cfg)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            claim(self.out, resume=kind, overwrite=self.overwrite)
+            # First of the run's files, so that a run stopped at any point leaves its mark. It records what
+            # the run is, not how it started: the file resumes without removing the run.
+            replace(self.cfg, train=replace(self.cfg.train, overwrite=False)).save(self.out / CONFIG_FILE)
+        acc.wait_for_everyone()
+        return path
+
     # -- the run ---------------------------------------------------------------
     def train(self) -> TrainResult:
         from accelerate.utils import set_seed
 
         cfg, t = self.cfg, self.cfg.train
+        check_paths(cfg)
+        if self.overwrite and self._resuming():
+            raise ConfigError("--overwrite removes the checkpoints that --resume continues from: pass one of them")
         acc = self._accelerator()
         self.acc = acc
         main = acc.is_main_process
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_partial(self.out)
-        acc.wait_for_everyone()
+        resumed_from = self._claim_output_dir()
 
         self.sharded = check_sharding(acc.distributed_type, t)
         set_seed(t.seed)
@@ -225,12 +255,13 @@ class Trainer:
         plan_info = {"num_samples": n, "global_batch": plan.window_size, "micro_batch": plan.micro_size,
                      "grad_accum": t.grad_accum, "seed": t.seed, "shuffle": cfg.data.shuffle,
                      "group_by_length": cfg.data.group_by_length, "total_steps": total}
-        step, bad, cut, resumed_from = 0, [], {}, self._resume_path()
+        step, bad, cut = 0, {}, {}
         if resumed_from is not None:
             step, bad, cut = self._restore(resumed_from, raw, optimizer, scheduler, plan_info)
+        bad_limit = t.max_bad_records if t.max_bad_records >= 1 else t.max_bad_records * n
+        self._check_records(dataset, bad, bad_limit, n)
 
         if main:
-            cfg.save(self.out / "config.yaml")
             log.info("model: %s", describe(raw, cfg))
             if t.optimizer == "muon":
                 dtype, why = orthogonalization_dtype(acc.device)
@@ -238,7 +269,6 @@ class Trainer:
         if t.report_to:
             acc.init_trackers("vistune", config=_flat(cfg.to_dict()))
         metrics = MetricsLog(self.out / METRICS_FILE, resume_step=step if resumed_from else None) if main else None
-        bad_limit = t.max_bad_records if t.max_bad_records >= 1 else t.max_bad_records * n
         trainable = [p for p in raw.parameters() if p.requires_grad]
         maybe_unused = [p for part in ("vision", "projector") for p in _module(raw, part).parameters() if p.requires_grad]
 
@@ -272,11 +302,12 @@ class Trainer:
                     step += 1
                     tokens_done += tokens
                     dt = time.perf_counter() - t0
-                    if new_bad:
-                        bad.extend(new_bad)
+                    for b in new_bad:
+                        if b["index"] in bad:
+                            continue  # met before (an earlier epoch, or the check before the first step)
+                        bad[b["index"]] = b
                         if main:
-                            for b in new_bad:
-                                _say(progress, f"skipped bad record {b['id']!r}: {b['reason']}")
+                            _say(progress, f"skipped bad record {b['id']!r}: {b['reason']}")
                     for c in new_cut:
                         if c["index"] in cut:
                             continue  # seen in an earlier epoch
@@ -301,11 +332,11 @@ class Trainer:
                                              tok_s=f"{tokens_done / (time.perf_counter() - start_time):.0f}",
                                              refresh=False)
                     if len(bad) > bad_limit:
-                        raise TooManyBadRecords(bad, bad_limit, n)
+                        raise TooManyBadRecords(list(bad.values()), bad_limit, n)
                     w0 += 1
                     if t.save_every and (step % t.save_every == 0 or step == total):
-                        last_saved = self._save_checkpoint(step, raw, optimizer, scheduler, bad, list(cut.values()),
-                                                           plan_info, epoch, w0)
+                        last_saved = self._save_checkpoint(step, raw, optimizer, scheduler, list(bad.values()),
+                                                           list(cut.values()), plan_info, epoch, w0)
                     if step >= total:
                         break
         finally:
@@ -314,7 +345,7 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             if main and bad:
-                write_jsonl(self.out / "bad_records.jsonl", bad)
+                write_jsonl(self.out / BAD_RECORDS_FILE, list(bad.values()))
             if main and cut:
                 write_jsonl(self.out / CUT_RECORDS_FILE, list(cut.values()))
                 log.warning("%d record(s) longer than data.max_length %d were cut to it (their ends not trained): "
@@ -350,11 +381,16 @@ class Trainer:
             output_dir=self.out, model_dir=model_dir, final_loss=last_loss,
             first_loss=first_loss if first_loss is not None else float("nan"), steps=step,
             metrics_path=self.out / METRICS_FILE, projector_path=projector_path, checkpoint=last_saved,
-            resumed_from=resumed_from, bad_records=bad, cut_records=list(cut.values()), elapsed_s=elapsed,
-            tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0, main_process=main,
+            resumed_from=resumed_from, bad_records=list(bad.values()), cut_records=list(cut.values()),
+            elapsed_s=elapsed, tokens_per_s=tokens_done / elapsed if elapsed > 0 else 0.0, main_process=main,
         )
         if main:
             records = read_metrics(result.metrics_path)
+            if first_loss is None:
+                # Resumed at its last step: nothing trained now, the losses are those the run logged.
+                losses = [r["loss"] for r in records if r.get("loss") is not None]
+                if losses:
+                    result.first_loss, result.final_loss = losses[0], losses[-1]
             result.loss_curve = plot_loss(records, self.out / CURVE_FILE, title=f"{self.out.name}: training loss")
             result.summary_path = self._summary(result, raw, n, plan)
         return result
@@ -429,7 +465,7 @@ class Trainer:
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         path = ckpt.checkpoint_dir(self.out, step)
         state = {"step": step, "epoch": epoch, "window": window, "bad_records": bad, "cut_records": cut,
-                 "plan": plan_info,
+                 "plan": plan_info, "settings": run_settings(self.cfg),
                  "vistune_version": __version__, "processes": acc.num_processes, "sharded": self.sharded}
         if self.sharded:
             # DeepSpeed / FSDP shard weights and optimizer state over processes: every process
@@ -452,7 +488,7 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
-    def _restore(self, path: Path, raw, optimizer, scheduler, plan_info: dict) -> tuple[int, list, dict]:
+    def _restore(self, path: Path, raw, optimizer, scheduler, plan_info: dict) -> tuple[int, dict, dict]:
         state = ckpt.read_state(path)
         diffs = {k: (state["plan"].get(k), v) for k, v in plan_info.items() if state["plan"].get(k) != v}
         if diffs:
@@ -474,7 +510,24 @@ class Trainer:
         if self.acc.is_main_process:
             log.info("resumed from %s (step %d)", path, state["step"])
         cut = {c["index"]: c for c in state.get("cut_records", [])}
-        return int(state["step"]), list(state.get("bad_records", [])), cut
+        bad = {b.get("index", b["id"]): b for b in state.get("bad_records", [])}
+        return int(state["step"]), bad, cut
+
+    def _check_records(self, dataset, bad: dict, bad_limit: float, n: int) -> None:
+        """Find the records that cannot be read before the first step (parsing is cheap, opening images
+        and tokenizing are not), so that a data set over train.max_bad_records stops now, not hours in."""
+        found = [b for b in dataset.unreadable_records() if b["index"] not in bad]
+        for b in found:
+            bad[b["index"]] = b
+        if found and self.acc.is_main_process:
+            for b in found[:SHOWN_CUTS]:
+                log.warning("bad record %r will be skipped: %s", b["id"], b["reason"])
+            if len(found) > SHOWN_CUTS:
+                log.warning("... and %d more bad record(s) (%s)", len(found) - SHOWN_CUTS, self.out / BAD_RECORDS_FILE)
+        if len(bad) > bad_limit:
+            if self.acc.is_main_process:
+                write_jsonl(self.out / BAD_RECORDS_FILE, list(bad.values()))
+            raise TooManyBadRecords(list(bad.values()), bad_limit, n)
 
     def _lora_base(self, model, tok) -> Path:
         """The frozen base of a LoRA run: model.from, or a copy written once into the run."""
@@ -495,7 +548,8 @@ class Trainer:
             ("steps", f"{r.steps} ({plan.steps_per_epoch} per epoch, global batch {plan.window_size})"),
             ("loss", f"{r.first_loss:.4f} -> {r.final_loss:.4f}"),
             ("learning rate", f"{t.lr:g} ({t.scheduler}, warmup {t.warmup_ratio:g})"),
-            ("throughput", f"{r.tokens_per_s:.0f} tokens/s over {r.elapsed_s:.1f} s"),
+            ("throughput", f"{r.tokens_per_s:.0f} tokens/s over {r.elapsed_s:.1f} s" if r.tokens_per_s
+             else "no step left to train (resumed at its last step)" if r.resumed_from else "no tokens trained"),
             ("processes", str(self.acc.num_processes)),
             ("precision", self.acc.mixed_precision),
             ("bad records skipped", str(len(r.bad_records))),

@@ -23,7 +23,7 @@ from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.last_layer import last_layer_at_rows
 from ..model.vlm import VisionLanguageModel
-from .config import ConfigError, RunConfig, module_lr
+from .config import ConfigError, RunConfig, check_paths, module_lr
 
 MODULES = ("vision", "projector", "llm")
 PROJECTOR_FILE = "projector.safetensors"
@@ -32,6 +32,7 @@ PROJECTOR_FILE = "projector.safetensors"
 def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
     """The model a run starts from (weights in fp32; autocast handles lower precision)."""
     m, data = cfg.model, cfg.data
+    check_paths(cfg, data=False)
     if m.from_ is not None:
         model, tok = load_model(m.from_, dtype=torch.float32)
         if m.projector is not None and m.projector != model.config.projector_type:
@@ -39,12 +40,6 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
                 f"model.projector is {m.projector!r} but {m.from_} has a {model.config.projector_type!r} projector"
             )
     elif m.vision is not None and m.llm is not None:
-        for part in ("vision", "llm"):
-            src = getattr(m, part)
-            if isinstance(src, str) and not Path(src).exists():
-                raise ConfigError(f"model.{part}: path does not exist: {src}")
-        if m.tokenizer is not None and not Path(m.tokenizer).exists():
-            raise ConfigError(f"model.tokenizer: path does not exist: {m.tokenizer}")
         model, tok = build_vlm(
             m.vision, m.llm, m.tokenizer,
             projector_type=m.projector or "mlp2x_gelu",

@@ -176,7 +176,7 @@ class Batcher:
             run = self.engine.start([j.prompt for j in batch], [j.config for j in batch], [j.stream for j in batch])
             for deltas in run:
                 self.stats["steps"] += 1
-                self.stats["row_steps"] += len(run._active)
+                self.stats["row_steps"] += run.step_rows
                 for i, piece in deltas:
                     jobs[i].on_event(("text", piece))
                 for i in run.take_finished():

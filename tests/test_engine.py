@@ -83,7 +83,7 @@ def test_eager_attention_gets_the_same_tokens(engine, tokenizer):
     model, tok = make_model(tokenizer)
     model.language_model.set_attn_implementation("eager")
     eager = Engine(LoadedModel(model, tok))
-    assert engine._mask_4d and not eager._mask_4d
+    assert engine.padding_mask_4d and not eager.padding_mask_4d
     cfg = GenerationConfig(max_new_tokens=10)
     for prompts in (mixed_prompts(), mixed_prompts()[:4]):  # the second shares its system prompt
         assert eager.generate(prompts, cfg) == engine.generate(prompts, cfg)

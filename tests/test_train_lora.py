@@ -12,9 +12,9 @@ from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noq
 from vistune.data.collate import PadCollator
 from vistune.data.dataset import VLDataset, text_settings_for
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
-from vistune.model.checkpoint import load_model
+from vistune.model.checkpoint import load_adapter_model, load_model
 from vistune.train import ConfigError, run
-from vistune.model.adapters import is_adapter_dir, load_adapter_model
+from vistune.model.adapters import is_adapter_dir
 from vistune.train.lora import merge_lora, save_adapter_run
 from vistune.train.stages import apply_modes, build_model
 from tolerances import TINY_FORWARD, TINY_TERMS, assert_reordered, trained_losses

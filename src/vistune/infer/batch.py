@@ -14,17 +14,44 @@ busy instead of waiting for the slowest request before starting the next.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol, Sequence
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from .detokenize import IncrementalDecoder, ReplyText
 from .kv_cache import PreallocatedLayer, preallocated_cache
 from .sampling import apply_repetition_penalty, make_generator, sample_row
-from .types import Completion, EncodedPrompt, GenerationConfig, StoredPrefix
+from .turn_store import TurnStore
+from .types import Completion, EncodedPrompt, GenerationConfig, ImageInput, StoredPrefix
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class BatchEngine(Protocol):
+    """What a batch uses of the engine that starts it (`vistune.infer.engine.Engine`)."""
+
+    model: nn.Module
+    lm: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    max_context: int
+    image_token_id: int
+    num_image_tokens: int
+    preallocate_cache: bool
+    reuse_turns: bool
+    turns: TurnStore
+    padding_mask_4d: bool
+    cache_kwarg: str
+
+    def stop_strings(self, config: GenerationConfig) -> tuple[set[int], list[str]]: ...
+
+    def image_embeds(self, images: Sequence[ImageInput]) -> torch.Tensor | None: ...
+
+    def stored_prefix_for(self, prompts: list[list[int]], images: list[torch.Tensor] | None
+                          ) -> tuple[StoredPrefix, int, int] | None: ...
+
+    def suppress_non_text(self, logits: torch.Tensor) -> None: ...
+
 
 # Prefill a common prompt prefix once only when that spares at least this many token positions:
 # below it, the extra forward pass costs about what it saves.
@@ -34,7 +61,8 @@ MIN_SHARED_SAVING = 48
 class _Row:
     """Book-keeping for one sequence."""
 
-    def __init__(self, index: int, engine: "Engine", prompt: EncodedPrompt, config: GenerationConfig, stream: bool):
+    def __init__(self, index: int, engine: BatchEngine, prompt: EncodedPrompt, config: GenerationConfig,
+                 stream: bool):
         self.index = index
         self.prompt: EncodedPrompt | None = prompt  # dropped after prefill
         self.params = config.sampling
@@ -69,7 +97,7 @@ class BatchRun:
     row ``i`` at the next step.
     """
 
-    def __init__(self, engine: "Engine", prompts: list[EncodedPrompt], configs: list[GenerationConfig],
+    def __init__(self, engine: BatchEngine, prompts: list[EncodedPrompt], configs: list[GenerationConfig],
                  streams: list[bool]):
         self.engine = engine
         self.rows: list[_Row] = []
@@ -103,6 +131,11 @@ class BatchRun:
     def size(self) -> int:
         """Rows still decoding or waiting to join."""
         return sum(r.finish_reason is None for r in self._active) + len(self._pending)
+
+    @property
+    def step_rows(self) -> int:
+        """Rows the last step decoded together (finished rows included until the next step drops them)."""
+        return len(self._active)
 
     def cancel(self, index: int) -> None:
         self.rows[index].cancelled = True
@@ -231,12 +264,12 @@ class BatchRun:
         mask = None
         if st.mask is not None:
             mask = st.mask[:, : st.length + 1]
-            if eng._mask_4d and isinstance(st.cache.layers[0], PreallocatedLayer):
+            if eng.padding_mask_4d and isinstance(st.cache.layers[0], PreallocatedLayer):
                 # Full attention in every layer: a ready (B, 1, 1, L) view spares transformers
                 # rebuilding the same padding mask at every step.
                 mask = mask[:, None, None]
         out = eng.lm(input_ids=ids, attention_mask=mask, position_ids=st.pos,
-                     **{eng._cache_kw: st.cache}, use_cache=True, logits_to_keep=1)
+                     **{eng.cache_kwarg: st.cache}, use_cache=True, logits_to_keep=1)
         st.length += 1
         return out.logits[:, -1]
 
@@ -286,15 +319,7 @@ class BatchRun:
         for lo, ln in zip(old.cache.layers, new.cache.layers):
             if not (isinstance(lo, PreallocatedLayer) and isinstance(ln, PreallocatedLayer)):
                 raise RuntimeError("only preallocated caches can be merged")
-            for name in ("_k", "_v"):
-                a, b = getattr(lo, name), getattr(ln, name)
-                # Zeros, not garbage, in the padding: masked scores must stay finite.
-                merged = a.new_zeros((b_old + b_new, a.shape[1], capacity, a.shape[3]))
-                merged[:b_old, :, length - old.length:length] = a[:, :, :old.length]
-                merged[b_old:, :, length - new.length:length] = b[:, :, :new.length]
-                setattr(lo, name, merged)
-            lo.capacity, lo.length = capacity, length
-            lo.keys, lo.values = lo._k[:, :, :length], lo._v[:, :, :length]
+            lo.append_rows(ln, length, capacity)
         mask = torch.ones((b_old + b_new, capacity), dtype=torch.bool, device=dev)
         mask[:, :length] = False
         mask[:b_old, length - old.length:length] = old.mask[:, :old.length] if old.mask is not None else True
@@ -309,8 +334,7 @@ class BatchRun:
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor) -> list[int]:
         eng, st = self.engine, self._state
-        if eng._suppress:
-            logits.index_fill_(1, eng._suppress_t, float("-inf"))  # the step's own tensor: no copy
+        eng.suppress_non_text(logits)
         if st.history is not None:
             penalty = torch.tensor([[r.params.repetition_penalty] for r in self._active],
                                    device=logits.device, dtype=logits.dtype)

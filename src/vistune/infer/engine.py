@@ -72,10 +72,10 @@ class Engine:
                                  if i is not None and i != self.eos_id})
         self._suppress_t = torch.tensor(self._suppress, device=self.device, dtype=torch.long)
         self._special_ids = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
-        self._cache_kw = self.model._cache_arg()
+        self.cache_kwarg = self.model.cache_kwarg()
         # SDPA takes a boolean (B, 1, 1, L) padding mask as it is; eager attention adds the mask, so it
         # gets the 2-D mask and transformers' own conversion.
-        self._mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
+        self.padding_mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
         keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
@@ -259,6 +259,11 @@ class Engine:
         for deltas in run:
             for _, piece in deltas:
                 yield piece
+
+    def suppress_non_text(self, logits: torch.Tensor) -> None:
+        """Rule out (in place) the tokens that are no text: the image placeholder and padding."""
+        if self._suppress:
+            logits.index_fill_(1, self._suppress_t, float("-inf"))  # the step's own tensor: no copy
 
     def stop_strings(self, config: GenerationConfig) -> tuple[set[int], list[str]]:
         """Stops as token ids (special tokens, EOS) and as text (everything else)."""

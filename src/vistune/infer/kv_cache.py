@@ -59,6 +59,22 @@ class PreallocatedLayer(DynamicLayer):
             self.length -= n
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def append_rows(self, other: "PreallocatedLayer", length: int, capacity: int) -> None:
+        """Put the rows of ``other`` after this layer's, both left-padded to ``length`` tokens, in buffers
+        of ``capacity`` (a batch that new prompts join)."""
+
+        def merged(a: torch.Tensor, b: torch.Tensor, len_a: int, len_b: int) -> torch.Tensor:
+            # Zeros, not garbage, in the padding: masked scores must stay finite.
+            out = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
+            out[: a.shape[0], :, length - len_a:length] = a[:, :, :len_a]
+            out[a.shape[0]:, :, length - len_b:length] = b[:, :, :len_b]
+            return out
+
+        self._k = merged(self._k, other._k, self.length, other.length)
+        self._v = merged(self._v, other._v, self.length, other.length)
+        self.capacity, self.length = capacity, length
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
     def reset(self) -> None:
         self.length = 0
         super().reset()

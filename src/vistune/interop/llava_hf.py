@@ -38,6 +38,7 @@ from transformers.initialization import no_init_weights
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
 from ..files import atomic_directory, write_json
+from ..model.unwrap import unwrap_peft
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
 from ..text.templates import get_template
@@ -289,7 +290,7 @@ def check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerB
             f"{cfg.projector_type!r} cannot be expressed in it. Keep the vistune format (vistune's chat, "
             "serve and eval load it directly), or train with projector mlp2x_gelu to export to llava-hf"
         )
-    lm = model._unwrapped_lm()
+    lm = unwrap_peft(model.language_model)
     if hasattr(model.language_model, "peft_config"):
         raise InteropError("the language model carries an unmerged adapter; merge it first")
     bad = [k for k in _LOGIT_POSTPROCESSING if getattr(lm.config, k, None)]
@@ -329,7 +330,7 @@ def llava_hf_state_dict(model: VisionLanguageModel, key_layout: str = "old") -> 
     if key_layout not in KEY_LAYOUTS:
         raise InteropError(f"unknown key layout {key_layout!r}; one of {KEY_LAYOUTS}")
     new = key_layout == "new"
-    lm = model._unwrapped_lm()
+    lm = unwrap_peft(model.language_model)
     head, prefix = head_name(lm), lm.base_model_prefix
     nest = model.vision.model.config.model_type in _NESTED_VISION
     tied = tied_names(lm) if head_is_tied_by_name(lm) else set()
@@ -380,7 +381,7 @@ def export_llava_hf(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBa
     """Write ``model`` as a llava-hf directory (atomically); returns its path."""
     strategy, extra = check_exportable(model, tokenizer)
     cfg = model.config
-    lm = model._unwrapped_lm()
+    lm = unwrap_peft(model.language_model)
     sd = llava_hf_state_dict(model, key_layout)
     dtype = lm.get_input_embeddings().weight.dtype
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))

@@ -1,5 +1,4 @@
-"""Reading a LoRA run's model directory: its base model, the peft adapters and the
-weights trained beside them (the projector, ...).
+"""A LoRA run's model directory: its layout, finding it, and folding its peft adapters in.
 
 A LoRA run's ``OUTPUT_DIR/model/`` is an *adapter directory*:
 
@@ -12,8 +11,8 @@ A LoRA run's ``OUTPUT_DIR/model/`` is an *adapter directory*:
     tokenizer files, preprocessor_config.json
 
 Training writes it (`vistune.train.lora`); `vistune.load` reads it like any model
-directory, with the adapters folded into the base weights, so chat, serve, predict,
-eval and export take a LoRA run as they are.
+directory (`vistune.model.checkpoint`), with the adapters folded into the base weights,
+so chat, serve, predict, eval and export take a LoRA run as they are.
 """
 from __future__ import annotations
 
@@ -21,13 +20,7 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
-
-from ..text.tokenizer import load_tokenizer
-from .checkpoint import CONFIG_NAME, load_model
-from .config import VLMConfig
+from .config import CONFIG_NAME
 from .vlm import VisionLanguageModel
 
 ADAPTER_FORMAT = 1
@@ -60,40 +53,6 @@ def find_adapter_dir(run: str | os.PathLike) -> Path:
 def merged_name(name: str) -> str:
     """A parameter's name once its peft wrapper is gone (peft inserts "base_model.model.")."""
     return name.replace("base_model.model.", "", 1)
-
-
-def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
-    """A LoRA run's model with its adapters attached, not merged (for comparison and further training)."""
-    from peft import PeftModel
-
-    path = find_adapter_dir(run)
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    info = cfg["adapter"]
-    if info.get("format", 1) > ADAPTER_FORMAT:
-        raise ValueError(f"{path}: adapter format {info['format']} is newer than this vistune reads")
-    base = path / info["base"]  # relative: inside the run (an absolute path stays as it is)
-    if not base.exists():
-        raise FileNotFoundError(f"{path}: base model directory {base} is missing (the adapters apply to it)")
-    model, _ = load_model(base)
-    own = VLMConfig.from_dict(cfg)
-    model.config.template = own.template
-    model.config.max_length = own.max_length
-    for part, sub in ADAPTER_DIRS.items():
-        if (path / sub).exists():
-            if part == "llm":
-                model.language_model = PeftModel.from_pretrained(model.language_model, str(path / sub))
-            else:
-                model.vision.model = PeftModel.from_pretrained(model.vision.model, str(path / sub))
-    state = load_file(str(path / NON_LORA_FILE))
-    targets = {merged_name(n): p for n, p in model.named_parameters()}
-    unknown = [k for k in state if k not in targets]
-    if unknown:
-        raise ValueError(f"{path / NON_LORA_FILE}: unknown weights {unknown[:5]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            targets[k].copy_(v)
-    model.eval()
-    return model, load_tokenizer(path)
 
 
 def merge_adapters(model: VisionLanguageModel) -> VisionLanguageModel:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -28,12 +29,13 @@ from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
 from ..text.templates import Template, get_template
 from ..text.tokenizer import load_tokenizer
+from .adapters import (ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, find_adapter_dir, is_adapter_dir, merge_adapters,
+                       merged_name)
 from .build import text_config_from_dict
-from .config import VLMConfig
+from .config import CONFIG_NAME, VLMConfig
 from .vision import VisionTower, vision_config_from_dict
 from .vlm import VisionLanguageModel
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -110,8 +112,6 @@ def load_model(
     """Load a model directory written by `save_model`, or a LoRA run's adapter directory
     (its adapters folded into the base weights). No pickle is ever read."""
     path = Path(path)
-    from .adapters import is_adapter_dir, load_adapter_model, merge_adapters
-
     if is_adapter_dir(path):
         model, tokenizer = load_adapter_model(path)
         model = merge_adapters(model)
@@ -140,6 +140,40 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
+    """A LoRA run's model with its adapters attached, not merged (for comparison and further training)."""
+    from peft import PeftModel
+
+    path = find_adapter_dir(run)
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    info = cfg["adapter"]
+    if info.get("format", 1) > ADAPTER_FORMAT:
+        raise ValueError(f"{path}: adapter format {info['format']} is newer than this vistune reads")
+    base = path / info["base"]  # relative: inside the run (an absolute path stays as it is)
+    if not base.exists():
+        raise FileNotFoundError(f"{path}: base model directory {base} is missing (the adapters apply to it)")
+    model, _ = load_model(base)
+    own = VLMConfig.from_dict(cfg)
+    model.config.template = own.template
+    model.config.max_length = own.max_length
+    for part, sub in ADAPTER_DIRS.items():
+        if (path / sub).exists():
+            if part == "llm":
+                model.language_model = PeftModel.from_pretrained(model.language_model, str(path / sub))
+            else:
+                model.vision.model = PeftModel.from_pretrained(model.vision.model, str(path / sub))
+    state = load_file(str(path / NON_LORA_FILE))
+    targets = {merged_name(n): p for n, p in model.named_parameters()}
+    unknown = [k for k in state if k not in targets]
+    if unknown:
+        raise ValueError(f"{path / NON_LORA_FILE}: unknown weights {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            targets[k].copy_(v)
+    model.eval()
+    return model, load_tokenizer(path)
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

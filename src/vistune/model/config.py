@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass, field
 
 from ..data.images import ImageConfig
 
+CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 PROJECTOR_TYPES = "linear, identity, mlp{N}x_gelu"
-_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+MLP_PROJECTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 def check_projector_type(name: str) -> None:
-    if name in ("linear", "identity") or _MLP_RE.match(name):
+    if name in ("linear", "identity") or MLP_PROJECTOR_RE.match(name):
         return
     raise ValueError(f"unknown projector type {name!r}; expected one of {PROJECTOR_TYPES}")
 

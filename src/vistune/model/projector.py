@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import _MLP_RE, check_projector_type
+from .config import MLP_PROJECTOR_RE, check_projector_type
 
 
 def build_projector(kind: str, vision_dim: int, text_dim: int) -> nn.Module:
@@ -19,7 +19,7 @@ def build_projector(kind: str, vision_dim: int, text_dim: int) -> nn.Module:
         if vision_dim != text_dim:
             raise ValueError(f"identity projector needs equal widths, got {vision_dim} and {text_dim}")
         return nn.Identity()
-    depth = int(_MLP_RE.match(kind).group(1))  # type: ignore[union-attr]
+    depth = int(MLP_PROJECTOR_RE.match(kind).group(1))  # type: ignore[union-attr]
     layers: list[nn.Module] = [nn.Linear(vision_dim, text_dim)]
     for _ in range(1, depth):
         layers += [nn.GELU(), nn.Linear(text_dim, text_dim)]

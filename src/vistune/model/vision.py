@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from .unwrap import unwrap_peft
+
 
 def vision_config_from_dict(d: dict) -> PretrainedConfig:
     d = dict(d)
@@ -57,7 +59,7 @@ def _hidden_state_layers(model: nn.Module) -> tuple[list[nn.Module], int] | None
     except ImportError:
         return None
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft-wrapped tower
+    base = unwrap_peft(model)  # a peft-wrapped tower
     spec = (getattr(type(base), "_can_record_outputs", None) or {}).get("hidden_states")
     if isinstance(spec, type):
         cls, index = spec, 0

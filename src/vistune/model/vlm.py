@@ -18,6 +18,7 @@ from ..text.encode import IGNORE_INDEX
 from . import last_layer
 from .config import VLMConfig
 from .projector import build_projector
+from .unwrap import unwrap_peft
 from .vision import VisionTower
 
 
@@ -120,7 +121,7 @@ class VisionLanguageModel(nn.Module):
         if labels is not None and self._fast_loss_ok():
             return self._loss_only(embeds, attention_mask, position_ids, labels, **lm_kwargs)
         if past_key_values is not None:
-            lm_kwargs[self._cache_arg()] = past_key_values
+            lm_kwargs[self.cache_kwarg()] = past_key_values
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -134,22 +135,19 @@ class VisionLanguageModel(nn.Module):
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return VLMOutput(loss, out.logits, cache, n)
 
-    def _cache_arg(self) -> str:
+    def cache_kwarg(self) -> str:
+        """The name of the LM's keyword argument for its KV cache."""
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         import inspect
 
         if not hasattr(self, "_cache_arg_name"):
-            params = inspect.signature(self._unwrapped_lm().forward).parameters
+            params = inspect.signature(unwrap_peft(self.language_model).forward).parameters
             self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
         return self._cache_arg_name
 
-    def _unwrapped_lm(self) -> PreTrainedModel:
-        lm = self.language_model
-        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
     def _fast_loss_ok(self) -> bool:
         # Models that post-process logits (soft-capping, scaling) take the generic path.
-        cfg = self._unwrapped_lm().config
+        cfg = unwrap_peft(self.language_model).config
         return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
     def _loss_only(self, embeds, attention_mask, position_ids, labels, **lm_kwargs) -> VLMOutput:
@@ -160,7 +158,7 @@ class VisionLanguageModel(nn.Module):
         time and memory, and gives the same loss as the full path. Where the LM's layout
         allows (``last_layer.supports``), its last layer runs at those positions only too.
         """
-        lm = self._unwrapped_lm()
+        lm = unwrap_peft(self.language_model)
         decoder = getattr(lm, lm.base_model_prefix)
         if last_layer.sliding_window_applies(lm.config, embeds.shape[1]):
             mask = attention_mask  # the window hides more than the causal mask: transformers builds it

@@ -187,7 +187,7 @@ class Batcher:
                 j.prompt = None  # the run drops its prompts after prefill; so does the job
             for deltas in run:
                 self.stats["steps"] += 1
-                self.stats["row_steps"] += len(run._active)
+                self.stats["row_steps"] += run.step_rows
                 for i, piece in deltas:
                     jobs[i].on_event(("text", piece))
                 for i in run.take_finished():

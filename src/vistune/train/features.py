@@ -298,7 +298,7 @@ def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSetting
 
 def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = None) -> dict:
     """`vistune cache-features`: build (or confirm) the cache for a training config."""
-    from .loop import mixed_precision
+    from .precision import mixed_precision
     from .stages import build_model
 
     if not cfg.data.train:

@@ -25,6 +25,7 @@ from ..data.dataset import VLDataset, text_settings_for
 from ..files import replace_directory, temp_path, write_jsonl
 from ..hardware import bf16_support, keep_freed_memory
 from ..model.checkpoint import save_model
+from ..model.unwrap import unwrap_peft
 from . import checkpoints as ckpt
 from .batches import SkipBad, TrainCollator, model_inputs, supervised_tokens
 from .config import ConfigError, RunConfig, TrainConfig, check_paths
@@ -32,6 +33,7 @@ from .features import AUTOCAST_DTYPES, cached_dataset
 from .metrics import CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, plot_loss, read_metrics, write_summary
 from .optim import build_optimizer, build_scheduler, orthogonalization_dtype
 from .packing import use_packed_attention
+from .precision import mixed_precision
 from .resume import check_settings, run_settings
 from .rundir import BAD_RECORDS_FILE, CONFIG_FILE, CUT_RECORDS_FILE, check_claim, claim, clean_interrupted_writes
 from .sampler import BatchPlan
@@ -98,17 +100,6 @@ def run(config: RunConfig, resume: str | None = None, overwrite: bool | None = N
     ``config.train.overwrite`` (remove an earlier run's files from ``output_dir`` first).
     """
     return Trainer(config, resume=resume, overwrite=overwrite).train()
-
-
-def mixed_precision(precision: str, device_type: str) -> str:
-    if precision == "auto":
-        if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"  # fp32 on CPU: autocast's bf16 is opt-in (train.precision=bf16)
-    if precision == "fp16" and device_type == "cpu":
-        raise ConfigError("train.precision=fp16 is not supported on CPU (fp16 matmuls are ~100x slower there); "
-                          "use bf16 or fp32")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
 def _check_trackers(names: list[str]) -> None:
@@ -362,7 +353,8 @@ class Trainer:
                 with _whole_models(acc):
                     raw = _cpu_copy(raw, full)
         if restore_attn is not None:
-            _base_lm(raw).set_attn_implementation(restore_attn)  # saved models load with the standard one
+            # saved models load with the standard one
+            unwrap_peft(raw.language_model).set_attn_implementation(restore_attn)
         if main:
             raw.eval()
             if lora_base is not None:
@@ -636,11 +628,6 @@ def _has_accelerator() -> bool:
         if backend is not None and getattr(backend, "is_available", lambda: False)():
             return True
     return False
-
-
-def _base_lm(model):
-    lm = model.language_model
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def _module(model, part: str):

@@ -1,7 +1,7 @@
 """LoRA / QLoRA through peft: wrapping, the adapter run directory, and merging.
 
 A LoRA run's ``OUTPUT_DIR/model/`` is an *adapter directory* (its layout:
-`vistune.model.adapters`, which reads it). `vistune.load` takes it as it is, folding
+`vistune.model.adapters`; `vistune.model.checkpoint` reads it). `vistune.load` takes it as it is, folding
 the adapters in; ``merge_lora(run, out)`` writes that merged model as a plain vistune
 model directory, to ship or export without the base alongside.
 """
@@ -17,9 +17,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_directory, write_json
-from ..model.adapters import (ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, load_adapter_model, merge_adapters,
-                              merged_name)
-from ..model.checkpoint import CONFIG_NAME, image_processor_dict, save_model
+from ..model.adapters import ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, merge_adapters, merged_name
+from ..model.checkpoint import CONFIG_NAME, image_processor_dict, load_adapter_model, save_model
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, LoraSpec
 

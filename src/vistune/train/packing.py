@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.unwrap import unwrap_peft
 from ..text.encode import IGNORE_INDEX
 
 
@@ -132,7 +133,7 @@ def use_packed_attention(language_model) -> str | None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    base = unwrap_peft(language_model)
     current = base.config._attn_implementation
     if current not in ("sdpa", "eager"):
         return None

@@ -22,6 +22,7 @@ from ..files import atomic_path
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.last_layer import last_layer_at_rows
+from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, RunConfig, check_paths, module_lr
 
@@ -154,7 +155,7 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch
             if getattr(t, part) == "frozen" and part == "vision":
                 continue  # a frozen tower runs without grad: nothing to recompute
             hf = model.vision.model if part == "vision" else model.language_model
-            base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+            base = unwrap_peft(hf)
             if getattr(base, "supports_gradient_checkpointing", False):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 base.config.use_cache = False
@@ -180,8 +181,7 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     the supervised rows (``model.last_layer_at_rows``) is compiled too.
     Returns the attention implementation it replaced (to restore before saving), or None.
     """
-    lm = model.language_model
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = unwrap_peft(model.language_model)
     replaced = None
     if device.type == "cpu" and base.config._attn_implementation == "sdpa":
         base.set_attn_implementation("eager")

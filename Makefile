@@ -30,7 +30,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 # llama.cpp (llama-cpp-python builds it from source with CMake, CPU backend; pip's wheel cache keeps
 # the built wheel for later installs on the same machine). Its own target: the cold build alone takes
-# longer than `make test` may (docs/interop.md has the times); .ci/run runs both.
+# longer than `make test` may (docs/interop.md has the times), so .ci/run leaves it out.
 $(VENV)/.installed-llama-cpp: $(VENV)/.installed-test
 	$(BIN)/pip install -q -c constraints.txt -e '.[test-llama-cpp]'
 	touch $@

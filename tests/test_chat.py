@@ -239,6 +239,7 @@ def test_cli_chat_at_a_terminal_has_history_and_ctrl_c_quits(tokenizer, tmp_path
     import os
     import pty
     import select
+    import signal
     import subprocess
     import time
 
@@ -246,9 +247,11 @@ def test_cli_chat_at_a_terminal_has_history_and_ctrl_c_quits(tokenizer, tmp_path
     path = save_model(model, tok, tmp_path / "m")
     main_fd, sub_fd = pty.openpty()
     src = str(__import__("pathlib").Path(__import__("vistune").__file__).parents[1])
+    # pytest-xdist's workers ignore SIGINT, and a child inherits that: give it a terminal's default.
     proc = subprocess.Popen([sys.executable, "-m", "vistune.cli", "chat", "--model", str(path)],
                             stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, close_fds=True,
-                            env=dict(os.environ, PYTHONPATH=src, TERM="xterm"))
+                            env=dict(os.environ, PYTHONPATH=src, TERM="xterm"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(sub_fd)
     seen = b""
 
@@ -272,7 +275,7 @@ def test_cli_chat_at_a_terminal_has_history_and_ctrl_c_quits(tokenizer, tmp_path
         os.write(main_fd, b"\x1b[A\r")  # the up arrow: the same command again, not text for the model
         until(b"[error]")
         until(b"USER: ")
-        proc.send_signal(__import__("signal").SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

@@ -23,19 +23,26 @@ TRIM_THRESHOLD = 256 << 20
 _done: bool | None = None
 
 
+def _glibc(name: str, argtypes: list):
+    """The C library's function ``name`` (returning an int), or None off Linux or where it lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), name)  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc malloc for repeated same-sized activations (once per process); False where
     the C library is not glibc (the setting is then left alone)."""
     global _done
     if _done is None:
-        _done = False
-        if sys.platform.startswith("linux"):
-            try:
-                mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
-            except (OSError, AttributeError):
-                return False
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+        _done = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+            bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
 
 
@@ -43,14 +50,8 @@ def release_freed_memory() -> bool:
     """Hand the free parts of every malloc arena back to the OS (glibc ``malloc_trim``), which
     `keep_freed_memory` otherwise keeps: a server calls it when a burst is over, so its idle
     size returns near its baseline. False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and bool(trim(0))
 
 
 M_ARENA_MAX = -8
@@ -62,11 +63,5 @@ def one_malloc_arena() -> bool:
     ``malloc_trim`` shrinks only the main arena's top; memory freed at the top of a thread's
     own arena (a decoded image, the engine thread's activations) would stay with the process.
     False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, 1))
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))

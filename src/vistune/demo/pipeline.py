@@ -172,9 +172,10 @@ def _strip_images(turns: list[dict]) -> list[dict]:
     return [{"from": t["from"], "value": t["value"].replace("<image>\n", "").replace("\n<image>", "")} for t in turns]
 
 
-def _train(preset: str, overrides: dict, out_dir: Path):
+def _train(preset: str, overrides: dict, out_dir: Path, resume: bool):
     # The stages run through the same shipped presets a user would pass to `vistune train`.
-    return train_preset(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir)})
+    return train_preset(PRESETS_DIR / preset, {**overrides, "output_dir": str(out_dir),
+                                               **_continue_or_restart(out_dir, resume)})
 
 
 def _continue_or_restart(run_dir: Path, resume: bool) -> dict:
@@ -200,8 +201,9 @@ def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: Visio
                          lm_cfg: LMPretrainConfig, side_by_side: bool) -> None:
     """Stage 0's two models. The vision encoder always trains on one thread: its convolutions sum in
     an order that depends on the thread count, and every later number moves with the encoder, so one
-    thread gives every machine the same encoder. With a core to spare it trains beside the LM pretraining, which gives the same weights on any number of
-    threads and takes the rest: no slower than the two one after the other on two threads."""
+    thread gives every machine the same encoder. With a core to spare it trains beside the LM
+    pretraining, which gives the same weights on any number of threads and takes the rest: no
+    slower than the two one after the other on two threads."""
     threads = torch.get_num_threads()
     vision_args = (tok, foundation / "vision", vis_cfg)
     if side_by_side and threads >= 2:
@@ -309,14 +311,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.set_num_threads(main_threads)
     try:
         with phase("stage 1: feature alignment (projector only)"):
-            s1 = _train("demo-stage1.yaml", {**common1, **_continue_or_restart(out / "stage1", cfg.resume)},
-                        out / "stage1")
+            s1 = _train("demo-stage1.yaml", common1, out / "stage1", cfg.resume)
         with phase("stage 2: instruction tuning (projector + LLM)"):
             if compiled:
                 # The bar stands still while inductor compiles; say why, so it does not look hung.
                 print("   the LM is compiled (torch.compile): the first step takes about a minute", flush=True)
-            s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir),
-                                             **_continue_or_restart(out / "stage2", cfg.resume)}, out / "stage2")
+            s2 = _train("demo-stage2.yaml", {**common2, "model.from": str(s1.model_dir)}, out / "stage2", cfg.resume)
         runs = {"stage1": s1, "stage2": s2}
         if cfg.ablations:
             # Side by side, this phase's time is only the wait for the side run to finish.

@@ -25,8 +25,8 @@ def eps(dtype: torch.dtype = torch.float32) -> float:
 
 
 def reordered(dtype: torch.dtype = torch.float32, terms: int = 256, depth: int = 1, scale: float = 1.0) -> dict:
-    """``rtol``/``atol`` for ``torch.testing.assert_close`` (and ``rel``/``abs`` for pytest.approx via
-    ``approx``) of values of about ``scale`` from ``depth`` layers of ``terms``-term sums."""
+    """``rtol``/``atol`` for ``torch.testing.assert_close`` of values of about ``scale`` from ``depth``
+    layers of ``terms``-term sums."""
     tol = 8 * depth * math.sqrt(terms) * eps(dtype)
     return {"rtol": tol, "atol": tol * scale}
 
@@ -63,11 +63,6 @@ def trained_losses(steps: int, terms: int = TINY_TERMS, depth: int = TINY_FORWAR
     orders: a forward's bound, once more for every update before the step (each moved the weights by a
     rounding-level amount, bar the few near-zero gradients whose sign it flipped)."""
     return {"rel": reordered(torch.float32, terms, depth)["rtol"] * (steps + 1), "abs": 0.0}
-
-
-def approx(tol: dict) -> dict:
-    """A ``reordered`` bound as pytest.approx's keywords."""
-    return {"rel": tol["rtol"], "abs": tol["atol"]}
 
 
 def adam_trained(lr: float, steps: int) -> dict:

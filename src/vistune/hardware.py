@@ -129,8 +129,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc hands large blocks back to the OS when they are freed, and a training
     step that allocates the same activations again page-faults every page of them in anew, a
-    visible share of a small model's CPU step (docs/benchmarks.md). The effect is the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment,
-    for this process, from now on; memory the process already holds stays with it instead of
+    visible share of a small model's CPU step (docs/benchmarks.md). The effect is the same as
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment, for this process, from now on; memory the process already holds stays with it instead of
     going back to the OS. Returns whether it applied (not on other C libraries).
     """
     import ctypes

@@ -4,8 +4,8 @@ Muon (``torch.optim.Muon``) orthogonalises each matrix's momentum before the ste
 every direction of an update moves the weights by the same amount, however small its
 gradient. Circuits whose gradient starts small (an attention head that has to find
 the object a question names among the image tokens) then form sooner, and on seeds
-where AdamW's never formed. Muon is defined for matrices only, and its authors keep embeddings,
-the output head, norms and biases on AdamW, which is what this module does.
+where AdamW's never formed. Muon is defined for matrices only, and its authors keep
+embeddings, the output head, norms and biases on AdamW, which is what this module does.
 """
 from __future__ import annotations
 
@@ -64,8 +64,7 @@ class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with its Newton-Schulz iteration in bf16 only where bf16 is native.
 
     torch always iterates in bf16. A CPU without AVX512-BF16 or AMX emulates that, many
-    times slower than fp32. The
-    update rule, the state (``momentum_buffer``) and the groups' keys are torch's, so a
+    times slower than fp32. The update rule, the state (``momentum_buffer``) and the groups' keys are torch's, so a
     checkpoint is the same either way. Only ``adjust_lr_fn="match_rms_adamw"`` is supported.
     """
 

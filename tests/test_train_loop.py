@@ -273,3 +273,12 @@ def test_records_cut_to_max_length_are_named_once_and_survive_a_resume(tiny_data
     fits = run(cfg.with_overrides([f"output_dir={tmp_path / 'fits'}", "data.max_length=256", "train.epochs=1"]))
     assert fits.cut_records == [] and not (fits.output_dir / "cut_records.jsonl").exists()
     assert "| records cut to data.max_length | 0 |" in fits.summary_path.read_text()
+
+
+def test_on_step_reports_every_step_with_its_loss_and_the_total(tiny_data, tmp_path):
+    seen = []
+    cfg = tiny_config(tiny_data, tmp_path / "run", {"train.max_steps": 3, "train.log_every": 2}, stage=1)
+    r = run(cfg, on_step=seen.append)
+    assert [e["step"] for e in seen] == [1, 2, 3]  # every step, not only the logged ones
+    assert all(e["total_steps"] == 3 and e["loss"] > 0 for e in seen)
+    assert seen[-1]["loss"] == r.final_loss

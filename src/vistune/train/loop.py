@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,13 +94,16 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a distributed run
 
 
-def run(config: RunConfig, resume: str | None = None, overwrite: bool | None = None) -> TrainResult:
+def run(config: RunConfig, resume: str | None = None, overwrite: bool | None = None,
+        on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the model and metrics went.
 
     ``resume`` ("auto" or a checkpoint path) overrides ``config.train.resume``, ``overwrite``
     ``config.train.overwrite`` (remove an earlier run's files from ``output_dir`` first).
+    ``on_step`` is called on the main process after every optimizer step with that step's
+    record: the fields of ``metrics.jsonl`` plus ``total_steps``.
     """
-    return Trainer(config, resume=resume, overwrite=overwrite).train()
+    return Trainer(config, resume=resume, overwrite=overwrite, on_step=on_step).train()
 
 
 def _check_trackers(names: list[str]) -> None:
@@ -110,8 +114,10 @@ def _check_trackers(names: list[str]) -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, resume: str | None = None, overwrite: bool | None = None):
+    def __init__(self, config: RunConfig, resume: str | None = None, overwrite: bool | None = None,
+                 on_step: Callable[[dict], None] | None = None):
         self.cfg = config
+        self.on_step = on_step
         self.resume = resume if resume is not None else config.train.resume
         self.overwrite = overwrite if overwrite is not None else config.train.overwrite
         self.out = Path(config.output_dir)
@@ -317,6 +323,8 @@ class Trainer:
                         metrics.log(rec)
                         if t.report_to:
                             acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+                    if main and self.on_step is not None:
+                        self.on_step({**rec, "total_steps": total})
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",

@@ -9,6 +9,12 @@
    in one call (batch 8); their tokens must agree. The four cases (batch 1 and 8, each system) run round robin, each timed
    warm (after an untimed call of its own) once per round, and the medians are compared,
    so machine-load drift hits every case alike.
+   llama.cpp joins batch 1 in the same rounds, when llama-cpp-python is importable (skipped with
+   the reason printed otherwise): the same model exported with `vistune export --format gguf` at
+   q8_0 and at f16, run by llama.cpp's own libraries (libllama + mtmd, through the bindings
+   tests/llama_cpp_runner.py drives) on the same eight prompts and images, `--threads` threads,
+   32 greedy tokens each; its time to the first token (image encoding + prefill + token 1)
+   beside vistune's first step.
 2. `vistune serve` in a subprocess, hit by 1 and then 8 concurrent OpenAI clients:
    completion tokens/s of the server.
 3. Two chats taking turns on one engine (five questions each): the median time of turns 2-5
@@ -16,7 +22,7 @@
 
 Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1 end to end,
 decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1,
-interleaved_chat_speedup, plus the raw figures, among them vistune's first-step and
+interleaved_chat_speedup, llama_cpp_ratios, plus the raw figures, among them vistune's first-step and
 per-decode-step times) and prints a table.
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ from vistune.text.templates import LLAVA_SYSTEM_USER
 from vistune.text.tokenizer import train_bpe_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "generate.json"
+LLAMA_CPP_OUTTYPES = ("q8_0", "f16")
 WORDS = ("red green blue yellow circle square triangle left right top bottom small large the a is are "
          "there what color shape how many objects image picture describe in of on yes no one two three").split()
 QUESTIONS = [
@@ -129,6 +136,19 @@ def hf_inputs(engine: Engine, prompts: list[Prompt]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
+def load_llama_cpp() -> tuple[object | None, str]:
+    """tests/llama_cpp_runner (llama.cpp through llama-cpp-python), or None and why not."""
+    try:
+        import gguf  # noqa: F401  (the export writes with it)
+        import llama_cpp
+    except ImportError as e:
+        return None, f"llama.cpp skipped: {e.name} is not importable (`make test-llama-cpp` installs it)"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import llama_cpp_runner
+
+    return llama_cpp_runner, f"llama-cpp-python {llama_cpp.__version__}"
+
+
 def time_round_robin(fns: dict, repeats: int) -> tuple[dict, dict]:
     """Median seconds of each function, all run in the same rounds, so that a shared machine's
     load drifts hit batch 1 and batch 8, vistune and transformers alike. In each round every
@@ -145,7 +165,7 @@ def time_round_robin(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
-def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
+def bench_engine_vs_hf(new_tokens: int, repeats: int, llama_cpp=None, gguf_dir: Path | None = None) -> dict:
     loaded, tok = build_tiny()
     # Every run encodes its images and prefills its whole prompt, as HF does: no image cache, and no
     # stored turns (the same eight prompts come round again, and would be served from the store).
@@ -189,7 +209,31 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
             return completions
 
         fns[("hf", bs)], fns[("vistune", bs)] = run_hf, run_vistune
-    times, outs = time_round_robin(fns, repeats)
+    pairs, lc_chunks, notes = {}, {}, {}
+    if llama_cpp is not None:
+        from vistune.interop.gguf import export_gguf
+
+        for outtype in LLAMA_CPP_OUTTYPES:
+            files = export_gguf(loaded.model, tok, gguf_dir / outtype, outtype=outtype)
+            notes[outtype] = files.notes
+            pair = pairs[outtype] = llama_cpp.Pair(engine, files, threads=torch.get_num_threads())
+            # llama.cpp too starts from prompt tokens and preprocessed images (mtmd's chunks),
+            # rendered with the chat template in the file, as llama-server renders it.
+            lc_chunks[outtype] = [pair.lc.chunks(pair.text(p), list(p.images)) for p in prompts]
+            firsts[outtype] = []
+
+            def run_llama_cpp(lc=pair.lc, chunks=lc_chunks[outtype], firsts=firsts[outtype]):
+                runs = [lc.greedy_from(c, new_tokens) for c in chunks]
+                firsts.append(statistics.mean(first for _, first in runs))
+                return [tokens for tokens, _ in runs]
+
+            fns[("llama.cpp", outtype)] = run_llama_cpp
+    try:
+        times, outs = time_round_robin(fns, repeats)
+    finally:
+        for outtype, pair in pairs.items():
+            for c in lc_chunks[outtype]:
+                pair.lc.free_chunks(c)
     for bs in (1, 8):
         t_hf, t_vt, hf_outs, vt_out = times[("hf", bs)], times[("vistune", bs)], outs[("hf", bs)], outs[("vistune", bs)]
         hf_texts, n_hf = [], 0
@@ -209,6 +253,20 @@ def bench_engine_vs_hf(new_tokens: int, repeats: int) -> dict:
             "vistune_first_step_ms": first * 1e3, "vistune_decode_steps": decode_steps,
             "vistune_decode_step_ms": (t_vt / calls - first) / decode_steps * 1e3,
         }
+    vt_out = outs[("vistune", 1)]
+    for outtype, pair in pairs.items():
+        t_lc, lc_out = times[("llama.cpp", outtype)], outs[("llama.cpp", outtype)]
+        n_lc = sum(len(t) for t in lc_out)
+        first = statistics.median(firsts[outtype][2::2])
+        same = sum(tok.decode(t, skip_special_tokens=True).strip() == c.text for t, c in zip(lc_out, vt_out))
+        ids_equal = sum(pair.prompt_ids(p) == engine.encode(p).input_ids for p in prompts)
+        out.setdefault("llama_cpp", {})[outtype] = {
+            "tokens_per_s": n_lc / t_lc, "seconds": t_lc, "tokens": n_lc, "calls": len(prompts),
+            "first_token_ms": first * 1e3, "decode_step_ms": (t_lc / len(prompts) - first) / (new_tokens - 1) * 1e3,
+            "texts_equal_vistune": f"{same}/{len(prompts)}", "prompt_ids_equal": f"{ids_equal}/{len(prompts)}",
+            "export_notes": notes[outtype],
+        }
+        pair.close()
     return out
 
 
@@ -328,9 +386,10 @@ def main() -> None:
     ap.add_argument("--no-serve", action="store_true", help="skip the served-throughput part")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-vs-transformers part")
     ap.add_argument("--no-chat", action="store_true", help="skip the interleaved-chats part")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp in the engine part")
     # One thread by default: on a shared 2-core machine, two OpenMP threads stall whenever another
     # process holds a core (measured: 16 tok/s instead of ~240 at batch 1).
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, and llama.cpp's (0: torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -338,7 +397,11 @@ def main() -> None:
     result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
     rows = []
     if not args.no_engine:
-        res = bench_engine_vs_hf(args.new_tokens, args.repeats)
+        llama_cpp, why = (None, "llama.cpp skipped: --no-llama-cpp") if args.no_llama_cpp else load_llama_cpp()
+        print(why)
+        result["machine"]["llama_cpp"] = why
+        with tempfile.TemporaryDirectory() as gguf_dir:
+            res = bench_engine_vs_hf(args.new_tokens, args.repeats, llama_cpp, Path(gguf_dir))
         b1, b8 = res["batch1"], res["batch8"]
         result.update({
             "hf_ratio_batch1": b1["vistune_tokens_per_s"] / b1["hf_tokens_per_s"],
@@ -355,6 +418,20 @@ def main() -> None:
              f"{result['hf_ratio_batch8']:.2f}x HF; {result['batch8_over_batch1']:.2f}x batch 1 (target >= 4)",
              b8["texts_equal"]),
         ]
+        if "llama_cpp" in res:
+            # llama.cpp over vistune (tokens/s: above 1 is llama.cpp faster; first token: above 1 is it slower)
+            result["llama_cpp_ratios"] = {
+                outtype: {"tokens_per_s_over_vistune": lc["tokens_per_s"] / b1["vistune_tokens_per_s"],
+                          "tokens_per_s_over_hf": lc["tokens_per_s"] / b1["hf_tokens_per_s"],
+                          "first_token_ms_over_vistune": lc["first_token_ms"] / b1["vistune_first_step_ms"]}
+                for outtype, lc in res["llama_cpp"].items()}
+            for outtype, lc in res["llama_cpp"].items():
+                r = result["llama_cpp_ratios"][outtype]
+                rows.append((f"llama.cpp {outtype} b1", f"{lc['tokens_per_s']:.0f} tok/s",
+                             f"vistune {b1['vistune_tokens_per_s']:.0f} tok/s",
+                             f"{r['tokens_per_s_over_vistune']:.2f}x vistune, {r['tokens_per_s_over_hf']:.2f}x HF; "
+                             f"first token {r['first_token_ms_over_vistune']:.2f}x",
+                             f"{lc['texts_equal_vistune']} (vistune)"))
     if not args.no_serve:
         srv = bench_serve(args.new_tokens, args.requests_per_client)
         result["concurrent8_over_1"] = srv["clients8_tokens_per_s"] / srv["clients1_tokens_per_s"]
@@ -380,6 +457,9 @@ def main() -> None:
             print(f"  batch {bs}: {b['vistune_first_step_ms']:.1f} ms + {b['vistune_decode_steps']} x "
                   f"{b['vistune_decode_step_ms']:.2f} ms")
         print(f"  decode steps alone: batch 8 = {result['decode_batch8_over_batch1']:.2f}x batch 1 throughput")
+        for outtype, lc in result["engine"].get("llama_cpp", {}).items():
+            print(f"  llama.cpp {outtype}, batch 1: {lc['first_token_ms']:.1f} ms + {args.new_tokens - 1} x "
+                  f"{lc['decode_step_ms']:.2f} ms (prompt ids equal to vistune's: {lc['prompt_ids_equal']})")
     write_json(RESULTS, result)
     print(f"\nwrote {RESULTS}")
 

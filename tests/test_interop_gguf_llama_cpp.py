@@ -5,6 +5,8 @@ same greedy tokens as vistune's engine. Skipped when llama-cpp-python is not ins
 install builds llama.cpp from source: `make test-llama-cpp`)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from PIL import Image
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make test-llama-cpp` installs it)")
 
 from conftest import make_model, noise_image  # noqa: E402
-from llama_cpp_runner import LlamaCpp  # noqa: E402
+from llama_cpp_runner import Pair  # noqa: E402
 from real_weights import FOLLOW_UP, REFERENCE_QUESTIONS, smollm2_dir  # noqa: E402,F401
 from train_fixtures import tiny_config, tiny_data  # noqa: E402,F401
 from vistune.infer.engine import Engine, GenerationConfig, Prompt  # noqa: E402
@@ -24,21 +26,7 @@ from vistune.model.checkpoint import LoadedModel, load  # noqa: E402
 from vistune.model.tiny import tiny_vision_config  # noqa: E402
 from vistune.train import run  # noqa: E402
 
-MARKER = "<__media__>"
 MAX_NEW = 12
-
-
-def llama_cpp_prompt(template_src: str, messages: list[dict], bos: str, adds_bos: bool) -> str:
-    """The prompt text llama.cpp builds from the GGUF's chat template: rendered, then a leading BOS
-    dropped when the vocabulary adds one itself (as llama.cpp's common/chat.cpp does)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise ValueError(msg)
-
-    text = ImmutableSandboxedEnvironment().from_string(template_src).render(
-        messages=messages, bos_token=bos, add_generation_prompt=True, raise_exception=raise_exception)
-    return text[len(bos):] if adds_bos and bos and text.startswith(bos) else text
 
 
 def vistune_tokens(engine: Engine, prompts: list[Prompt], max_new: int = MAX_NEW) -> tuple[list[list[int]], list]:
@@ -46,40 +34,6 @@ def vistune_tokens(engine: Engine, prompts: list[Prompt], max_new: int = MAX_NEW
     for _ in run_:
         pass
     return [row.tokens for row in run_.rows], run_.completions
-
-
-def messages_for(prompt: Prompt) -> list[dict]:
-    """A vistune prompt (images first in the first human turn) as chat messages with llama.cpp's marker."""
-    out = [] if prompt.system is None else [{"role": "system", "content": prompt.system}]
-    for i, t in enumerate(prompt.turns):
-        text = t["value"]
-        if i == 0 and prompt.images:
-            text = MARKER * len(prompt.images) + text
-        out.append({"role": "user" if t["from"] == "human" else "assistant", "content": text})
-    return out
-
-
-class Pair:
-    """An exported pair in llama.cpp, next to the vistune engine it came from."""
-
-    def __init__(self, engine: Engine, files, threads: int = 2):
-        self.engine = engine
-        self.lc = LlamaCpp(files.llm, files.mmproj, threads=threads)
-        tok = engine.tokenizer
-        self.template = self.lc.chat_template()
-        self.bos, self.adds_bos = tok.bos_token or "", self.lc.adds_bos()
-
-    def text(self, prompt: Prompt) -> str:
-        return llama_cpp_prompt(self.template, messages_for(prompt), self.bos, self.adds_bos)
-
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        return self.lc.prompt_ids(self.text(prompt), list(prompt.images), self.engine.image_token_id)
-
-    def greedy(self, prompt: Prompt, n: int) -> list[int]:
-        return self.lc.greedy(self.text(prompt), list(prompt.images), n)
-
-    def close(self):
-        self.lc.close()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -267,24 +221,61 @@ def test_smollm2_text_only_same_greedy_tokens(smollm2_dir, tmp_path):  # noqa: F
 
 
 # -- CLIP towers: llama.cpp's CLS-last bug, measured ----------------------------------------------------
-def test_clip_tower_llama_cpp_puts_cls_last_and_drops_the_first_patch(tokenizer, tmp_path):
-    """What llama.cpp (this llama-cpp-python's) does with a CLIP tower's CLS token, measured: its LLaVA
-    graph appends CLS after the patches while positions and the patch selection assume it first, so
-    its image tokens are vistune's patches 1..n-1 (each at its neighbour's position embedding) and then
-    the CLS vector; patch 0 is lost. The prompt and the text side are right. The day llama.cpp puts CLS
-    first again, this fails: then the export's note goes and CLIP joins the exact tests."""
+@contextlib.contextmanager
+def llama_cpp_cls_order(tower):
+    """vistune's CLIP tower run with llama.cpp's token layout (tools/mtmd/models/llava.cpp, as of
+    llama.cpp 0c1e570: ggml-org/llama.cpp#25814): the CLS embedding after the patches, position
+    embeddings 0..n given in that order (patch j gets j's, CLS gets n's), so that the select of rows
+    1..n keeps patches 1..n-1 and the CLS row. Built from the embeddings' own output, so it holds
+    whatever the weights."""
+
+    def reorder(module, args, out):
+        pos = module.position_embedding.weight[: out.shape[1]]
+        cls, patches = out[:, :1] - pos[0], out[:, 1:] - pos[1:]
+        return torch.cat([patches, cls], dim=1) + pos
+
+    handle = tower.embeddings.register_forward_hook(reorder)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_clip_tower_runs_exactly_as_llama_cpps_cls_last_graph_does(tokenizer, tmp_path):
+    """A CLIP tower's file is right, and llama.cpp runs it with the CLS token last (its bug, not the
+    export's): its image embeddings differ from vistune's, but equal (cosine >= 0.999 at f32) those
+    of vistune's tower run in llama.cpp's layout (above), and its greedy tokens and logits equal
+    vistune's given those embeddings. So everything else in the file (weights, quick GELU, pre-LayerNorm,
+    feature layer, mean and std) is exact. The day llama.cpp puts CLS first again, the first
+    assertion fails: then the export's note goes and CLIP joins the exact tests above."""
     model, tok = make_model(tokenizer, vision="clip", seed=5)
-    engine = Engine(LoadedModel(model, tok))
+    engine = Engine(LoadedModel(model, tok), image_cache_size=0)
     files = export_gguf(model, tok, tmp_path / "gguf", outtype="f32")
     assert any("CLS token" in n for n in files.notes)
     pair = Pair(engine, files)
     try:
-        q = Prompt.ask("what color is the circle", [noise_image(1)])
-        assert pair.prompt_ids(q) == engine.encode(q).input_ids
-        mine = engine.image_embeds(q.images)[0].float().numpy()
-        theirs = pair.lc.image_embeddings(q.images[0])
-        aligned = cosines(mine, theirs)
-        shifted = cosines(mine[1:], theirs[:-1])  # llama.cpp's row k is vistune's patch k + 1
-        assert aligned.mean() < 0.9 < shifted.min()
+        qs = [Prompt.ask(f"what color is the {s}", [noise_image(i)]) for i, s in enumerate(("circle", "square"))]
+        for q in qs:
+            assert pair.prompt_ids(q) == engine.encode(q).input_ids
+            mine = engine.image_embeds(q.images)[0].float().numpy()
+            theirs = pair.lc.image_embeddings(q.images[0])
+            assert cosines(mine, theirs).mean() < 0.9  # llama.cpp's bug: patch 0 lost, CLS kept
+            with llama_cpp_cls_order(model.vision.model):
+                emulated = engine.image_embeds(q.images)[0].float().numpy()
+            assert cosines(emulated, theirs).min() >= 0.999
+        with llama_cpp_cls_order(model.vision.model):
+            tokens, _ = vistune_tokens(engine, qs, 8)
+        assert [pair.greedy(q, len(want)) for q, want in zip(qs, tokens)] == tokens
+        # the logits, not only their argmax: llama.cpp's are the emulation's, far closer than vistune's are
+        q = qs[0]
+        ids = torch.tensor([engine.encode(q).input_ids])
+        pixels = engine.loaded.pixels(q.images[0])[None]
+        with torch.no_grad():
+            base = model(ids, pixel_values=pixels).logits[0, -1].numpy()
+            with llama_cpp_cls_order(model.vision.model):
+                emulated = model(ids, pixel_values=pixels).logits[0, -1].numpy()
+        theirs = pair.lc.next_logits(pair.text(q), list(q.images))
+        off = np.abs(theirs - emulated).max()
+        assert off < 1e-2 and np.abs(base - emulated).max() > 10 * off
     finally:
         pair.close()

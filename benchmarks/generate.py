@@ -6,7 +6,7 @@
    carrying the same weights (vision_tower <- vision.model, multi_modal_projector.linear_1/2
    <- projector.0/2, language_model / lm_head <- language_model). Both decode the same
    eight prompts greedily (one image each, KV cache), one call per prompt (batch 1) and
-   in one call (batch 8); their tokens must agree. The four cases (batch 1 and 8, each system) run round robin, each timed
+   in one call (batch 8); their tokens must agree. The cases (batch 1 and 8, each system) run round robin, each timed
    warm (after an untimed call of its own) once per round, and the medians are compared,
    so machine-load drift hits every case alike.
    llama.cpp joins batch 1 in the same rounds, when llama-cpp-python is importable (skipped with

@@ -166,9 +166,9 @@ def plan_mmproj(model: VisionLanguageModel) -> MmprojPlan:
     notes = []
     if "v.class_embd" in tensors:
         notes.append(f"the {tower} tower has a CLS token: llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp, as of "
-                     "llama.cpp 0c1e570) puts it last and drops the first patch instead of it, so llama.cpp sees "
-                     "shifted image features until that is fixed (docs/interop.md); towers without one (SigLIP) "
-                     "run exactly")
+                     "llama.cpp 0c1e570; ggml-org/llama.cpp#25814) puts it last and drops the first patch instead "
+                     "of it, so llama.cpp sees shifted image features until that is fixed (docs/interop.md); towers "
+                     "without one (SigLIP) run exactly")
     image = cfg.image
     if image.aspect != "pad" or image.pad_color != LLAMA_CPP_PAD_COLOR:
         notes.append(f"llama.cpp fits non-square images into the square and pads them with {LLAMA_CPP_PAD_COLOR}; "

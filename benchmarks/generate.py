@@ -20,10 +20,10 @@
 3. Two chats taking turns on one engine (five questions each): the median time of turns 2-5
    when the engine stores one turn per conversation (the default) against one turn in all.
 
-Writes benchmarks/results/generate.json (hf_ratio_batch1, batch8_over_batch1 end to end,
-decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1,
-interleaved_chat_speedup, llama_cpp_ratios, plus the raw figures, among them vistune's first-step and
-per-decode-step times) and prints a table.
+Writes benchmarks/results/generate.json, or --out (hf_ratio_batch1, batch8_over_batch1 end to end,
+decode_batch8_over_batch1 for the decode steps alone, concurrent8_over_1, interleaved_chat_speedup,
+llama_cpp_ratios, plus the raw figures, among them vistune's and llama.cpp's first-step and
+per-decode-step times, and the load average) and prints a table.
 """
 from __future__ import annotations
 
@@ -387,6 +387,7 @@ def main() -> None:
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-vs-transformers part")
     ap.add_argument("--no-chat", action="store_true", help="skip the interleaved-chats part")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp in the engine part")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     # One thread by default: on a shared 2-core machine, two OpenMP threads stall whenever another
     # process holds a core (measured: 16 tok/s instead of ~240 at batch 1).
     ap.add_argument("--threads", type=int, default=1, help="torch threads, and llama.cpp's (0: torch default)")
@@ -394,7 +395,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
+    # the load average before and after: on a shared machine it says how far to trust the run
+    result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "loadavg_start": os.getloadavg()}}
     rows = []
     if not args.no_engine:
         llama_cpp, why = (None, "llama.cpp skipped: --no-llama-cpp") if args.no_llama_cpp else load_llama_cpp()
@@ -460,8 +463,10 @@ def main() -> None:
         for outtype, lc in result["engine"].get("llama_cpp", {}).items():
             print(f"  llama.cpp {outtype}, batch 1: {lc['first_token_ms']:.1f} ms + {args.new_tokens - 1} x "
                   f"{lc['decode_step_ms']:.2f} ms (prompt ids equal to vistune's: {lc['prompt_ids_equal']})")
-    write_json(RESULTS, result)
-    print(f"\nwrote {RESULTS}")
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["command"] = " ".join(["benchmarks/generate.py", *sys.argv[1:]])
+    write_json(args.out, result)
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

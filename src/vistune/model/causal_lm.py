@@ -22,6 +22,7 @@ from ..data.images import ImageConfig
 from ..text.hf_chat import has_chat_template
 from ..text.templates import Template
 from .config import CONFIG_NAME
+from .vlm import VLMOutput
 
 # The prompt is the chat template's; the reply ends at the tokenizer's EOS token.
 CHAT_TEMPLATE = Template(name="chat_template", stop="{eos}")
@@ -66,8 +67,10 @@ class TextOnlyModel(nn.Module):
             raise ImagesNotAccepted("this model reads text only: it takes no images")
         if past_key_values is not None:
             lm_kwargs[self.cache_kwarg()] = past_key_values
-        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=use_cache, **lm_kwargs)
+        out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=use_cache, **lm_kwargs)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return VLMOutput(None, out.logits, cache)
 
     def cache_kwarg(self) -> str:
         """The name of the LM's keyword argument for its KV cache (transformers renamed it in 5.2x)."""

@@ -246,8 +246,8 @@ def test_cli_chat_ctrl_c_while_an_image_loads_keeps_the_chat(tokenizer, tmp_path
     assert "[stopped]" in out and len(replies) == 1 and "[stopped]" not in replies[0]
 
 
-def spawn_at_a_terminal(argv: list[str]):
-    """``python argv`` with a pty as its stdin, stdout and stderr; (process, the pty's other end)."""
+def spawn_at_a_terminal(argv: list[str], stdout=None):
+    """``python argv`` with a pty as its stdin, stdout (unless given) and stderr; (process, the pty's other end)."""
     import os
     import pty
     import signal
@@ -256,7 +256,8 @@ def spawn_at_a_terminal(argv: list[str]):
     main_fd, sub_fd = pty.openpty()
     src = str(__import__("pathlib").Path(__import__("vistune").__file__).parents[1])
     # pytest-xdist's workers ignore SIGINT, and a child inherits that: give it a terminal's default.
-    proc = subprocess.Popen([sys.executable, *argv], stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, close_fds=True,
+    proc = subprocess.Popen([sys.executable, *argv], stdin=sub_fd, stdout=sub_fd if stdout is None else stdout,
+                            stderr=sub_fd, close_fds=True,
                             env=dict(os.environ, PYTHONPATH=src, TERM="xterm"),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(sub_fd)
@@ -280,26 +281,34 @@ def read_until(fd: int, text: bytes, seen: bytes = b"", timeout: float = 120) ->
     return seen[seen.index(text) + len(text):]
 
 
-def test_ctrl_c_recorded_while_the_prompt_is_not_yet_waiting_still_quits():
+@pytest.mark.parametrize("stdout", ["terminal", "pipe"])
+def test_ctrl_c_recorded_while_the_prompt_is_not_yet_waiting_still_quits(stdout):
     """CPython's readline acts on Ctrl-C only when it interrupts the wait for a key; one recorded just
     before that wait began (here: taken by another thread, as a SIGINT landing between drawing the
     prompt and waiting would be) must still end the prompt, not wait for the next key."""
     import os
     import signal
+    import subprocess
 
     child = ("import readline, signal, sys, threading\n"
              "from vistune.cli.infer import read_line\n"
              "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the other thread takes it\n"
              "sys.exit(0 if read_line(True) is None else 3)\n")
-    proc, main_fd = spawn_at_a_terminal(["-c", child])
+    # With stdout a pipe (`vistune chat | tee log`), input() reads the line without readline.
+    proc, main_fd = spawn_at_a_terminal(["-c", child], stdout=None if stdout == "terminal" else subprocess.PIPE)
     try:
-        read_until(main_fd, b"USER: ")
+        if proc.stdout is None:
+            read_until(main_fd, b"USER: ")
+        else:
+            read_until(proc.stdout.fileno(), b"USER: ")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
         os.close(main_fd)
 
 

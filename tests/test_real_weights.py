@@ -339,17 +339,18 @@ def test_vistune_serve_smollm2_feeds_the_data_engine_offline(smollm2_dir, tmp_pa
             time.sleep(0.5)
         monkeypatch.setenv("VISTUNE_TEST_KEY", "unused")
         rc = main(["data", "instruct", "--annotations", str(tmp_path / "ann.json"), "--out", str(tmp_path / "o.jsonl"),
-                   "--kinds", "detail", "--model", "smollm2", "--base-url", f"http://127.0.0.1:{port}/v1",
-                   "--api-key-env", "VISTUNE_TEST_KEY", "--max-tokens", "48", "--timeout", "900",
-                   "--max-attempts", "1"])
+                   "--kinds", "detail,conversation", "--model", "smollm2", "--base-url",
+                   f"http://127.0.0.1:{port}/v1", "--api-key-env", "VISTUNE_TEST_KEY", "--max-tokens", "256",
+                   # greedy, SmolLM2-135M repeats itself until the length limit (a truncated reply is rejected)
+                   "--temperature", "0.7", "--timeout", "900", "--max-attempts", "1"])
         report = capsys.readouterr().out
         assert rc == 0, report
         records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-        assert records, report  # SmolLM2 describes at least one of the two scenes acceptably
+        assert records and "4 jobs" in report, report  # sampled: at least one of the four is usable
         for rec in records:
             parse_record(rec)
-            subject = "cat" if rec["id"].startswith("1-") else "dog"
-            assert subject in rec["conversations"][1]["value"].lower()
+            if rec["kind"] == "detail":  # a description names what the scene holds
+                assert ("cat" if rec["id"].startswith("1-") else "dog") in rec["conversations"][1]["value"].lower()
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -96,7 +96,10 @@ def prompt_wakeups(interval: float = 0.1) -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGALRM, lambda signum, frame: None)
-    signal.siginterrupt(signal.SIGALRM, False)  # reads and writes resume after it; select() never does
+    # input() uses readline only when stdout is a terminal too: then readline's reads and writes
+    # resume after the alarm (its select() never does); Python's own line read must be interrupted
+    # to look at the recorded signals.
+    signal.siginterrupt(signal.SIGALRM, not ("readline" in sys.modules and sys.stdout.isatty()))
     signal.setitimer(signal.ITIMER_REAL, interval, interval)
     try:
         yield

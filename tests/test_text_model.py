@@ -162,3 +162,15 @@ def test_data_instruct_through_a_served_text_model(lm_dir, engine, tmp_path, mon
     report = capsys.readouterr().out
     assert rc == 0, report
     assert "0 failed (of 3 jobs)" in report and "3 requests, 0 retries" in report
+
+
+def test_web_page_handler_with_a_text_model(engine):
+    pytest.importorskip("gradio")
+    from vistune.serve.web import make_respond
+
+    respond = make_respond(engine, config=GenerationConfig(max_new_tokens=6))
+    history, session, box = list(respond("what color is it?", noise_image(3), [], None))[-1]
+    assert "text-only model" in history[-1]["content"] and box == "what color is it?"  # the message stays to resend
+    history, session, box = list(respond("what color is it?", None, [], session))[-1]
+    want = engine.generate([Prompt.ask("what color is it?")], GenerationConfig(max_new_tokens=6))[0].text
+    assert history[-1] == {"role": "assistant", "content": want} and box == ""

@@ -47,3 +47,28 @@ def solid_image(color=(255, 0, 0), size=(40, 30)) -> Image.Image:
 def noise_image(seed=0, size=(32, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_causal_lm_dir(tokenizer, path, seed=0, chat_template: str | None = CHATML_JINJA, context: int = 4096):
+    """A plain Hugging Face causal LM directory (what a user brings for `vistune serve`): a tiny
+    random LlamaForCausalLM in safetensors and the trained tokenizer with a ChatML chat template,
+    ending a reply with <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))  # a copy: the session's tokenizer stays as it is
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = chat_template
+    tok.model_max_length = context
+    tok.save_pretrained(str(path))
+    cfg = {k: v for k, v in tiny_text_config("llama", vocab_size=len(tok), max_positions=context).items() if k != "model_type"}
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg, eos_token_id=tok.eos_token_id,
+                                                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
+    lm.save_pretrained(str(path))
+    return path

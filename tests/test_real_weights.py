@@ -276,3 +276,84 @@ def test_stage1_on_real_weights_trains_only_the_projector(mobilenet_v2_dir, smol
                                         [r["max_new_tokens"] for r in smollm2_reference])
     assert tokens == [r["new_ids"] for r in smollm2_reference]
     assert "Paris" in completions[0].text
+
+
+# -- SmolLM2 served as it is: a text-only model ------------------------------------------------
+def test_smollm2_directory_as_a_text_model_answers_as_transformers(smollm2_dir, smollm2_reference):
+    """The plain SmolLM2 directory, loaded as it is (no vision tower, its own Jinja chat template):
+    the same prompt ids and greedy tokens as transformers, in one batch and for a second turn."""
+    import vistune
+
+    loaded = vistune.load(smollm2_dir)
+    assert loaded.text_only
+    engine = Engine(loaded)
+    prompts = [Prompt(list(r["turns"]), system=r["system"] or "You are a helpful assistant.")
+               for r in smollm2_reference]  # the reference always sends chatml's system text
+    for p, r in zip(prompts, smollm2_reference):
+        assert engine.encode(p).input_ids == r["prompt_ids"]
+    *refs, follow_up = smollm2_reference
+    batched, completions = engine_tokens(engine, prompts[:-1], [r["max_new_tokens"] for r in refs])
+    assert batched == [r["new_ids"] for r in refs]
+    assert [c.text for c in completions] == [r["text"] for r in refs]
+    tokens, completions = engine_tokens(engine, prompts[-1:], [follow_up["max_new_tokens"]])
+    assert tokens == [follow_up["new_ids"]] and "Berlin" in completions[0].text
+
+
+@pytest.mark.slow
+def test_vistune_serve_smollm2_feeds_the_data_engine_offline(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """`vistune serve --model SMOLLM2_DIR` in its own process, `vistune data instruct --base-url` against
+    it: detail descriptions written from captions and boxes, no network beyond loopback."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from live_server import free_port
+
+    from vistune.cli import main
+    from vistune.data.records import parse_record
+    from vistune.instruct.annotations import Box, ImageAnnotation, save_annotations
+
+    anns = [ImageAnnotation("1", "000001.jpg", 640, 480, ["A cat sits on a mat.", "A cat near a window."],
+                            [Box("cat", (10, 20, 200, 300))]),
+            ImageAnnotation("2", "000002.jpg", 640, 480, ["A dog runs on the beach.", "A brown dog by the sea."],
+                            [Box("dog", (50, 60, 300, 400))])]
+    save_annotations(anns, tmp_path / "ann.json")
+    port = free_port()
+    src = str(Path(__import__("vistune").__file__).parents[1])
+    server = subprocess.Popen([sys.executable, "-m", "vistune.cli", "serve", "--model", str(smollm2_dir),
+                               "--port", str(port), "--model-name", "smollm2"],
+                              env=dict(os.environ, PYTHONPATH=src), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()
+            time.sleep(0.5)
+        monkeypatch.setenv("VISTUNE_TEST_KEY", "unused")
+        rc = main(["data", "instruct", "--annotations", str(tmp_path / "ann.json"), "--out", str(tmp_path / "o.jsonl"),
+                   "--kinds", "detail,conversation", "--model", "smollm2", "--base-url",
+                   f"http://127.0.0.1:{port}/v1", "--api-key-env", "VISTUNE_TEST_KEY", "--max-tokens", "256",
+                   # greedy, SmolLM2-135M repeats itself until the length limit (a truncated reply is rejected)
+                   "--temperature", "0.7", "--timeout", "900", "--max-attempts", "1"])
+        report = capsys.readouterr().out
+        assert rc == 0, report
+        records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+        assert records and "4 jobs" in report, report  # sampled: at least one of the four is usable
+        for rec in records:
+            parse_record(rec)
+            if rec["kind"] == "detail":  # a description names what the scene holds
+                assert ("cat" if rec["id"].startswith("1-") else "dog") in rec["conversations"][1]["value"].lower()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()

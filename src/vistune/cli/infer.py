@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from typing import Iterator
 
 from . import CommandError
 
@@ -21,7 +25,9 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a vistune model directory")
+    p.add_argument("--model", required=True,
+                   help="a vistune model directory, or a Hugging Face causal LM directory (text only: config, "
+                        "safetensors weights, a tokenizer with a chat_template)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
@@ -76,6 +82,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit; Ctrl-C stops a reply"
 
 
+@contextlib.contextmanager
+def prompt_wakeups(interval: float = 0.1) -> Iterator[None]:
+    """While a line is read at a terminal, a no-op SIGALRM every ``interval`` seconds.
+
+    CPython's readline waits for a key in select() and acts on a Ctrl-C only when it interrupts
+    that select: a SIGINT landing after the prompt is drawn but before select() starts is recorded
+    and then ignored until the next key (python/cpython#112585), so Ctrl-C at the prompt could
+    leave the chat waiting. The alarm interrupts each wait, and the recorded Ctrl-C then raises.
+    """
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0)):  # no alarms here, or someone else's timer
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    # input() uses readline only when stdout is a terminal too: then readline's reads and writes
+    # resume after the alarm (its select() never does); Python's own line read must be interrupted
+    # to look at the recorded signals.
+    signal.siginterrupt(signal.SIGALRM, not ("readline" in sys.modules and sys.stdout.isatty()))
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)  # runs an alarm still pending with the no-op handler first
+
+
 def read_line(interactive: bool) -> str | None:
     """The next line, or None at the end of input; at a terminal, with line editing and history
     (Python's readline) and Ctrl-C quitting."""
@@ -83,7 +115,8 @@ def read_line(interactive: bool) -> str | None:
         line = sys.stdin.readline()
         return line or None
     try:
-        return input("USER: ")
+        with prompt_wakeups():
+            return input("USER: ")
     except (EOFError, KeyboardInterrupt):
         print()
         return None
@@ -109,38 +142,36 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             chat.attach(path)
             print(f"[attached {path}]", file=out, flush=True)
-        except ImageError as e:
+        except (ImageError, PromptError) as e:  # an unreadable image; any image for a text-only model
             print(f"[error] {e}", file=out, flush=True)
 
     print(f"vistune chat · {engine.name} · {HELP}", file=out, flush=True)
     for path in args.image:
         attach(path)
-    while True:
-        line = read_line(interactive)
-        if line is None:
-            break
-        line = line.strip()
+    def handle(line: str) -> bool:
+        """Act on one line; False for /quit."""
+        nonlocal told_dropping
         if not line:
-            continue
+            return True
         if line in ("/quit", "/exit"):
-            break
+            return False
         if line == "/reset":
             had_image = bool(chat.image_embeds or chat.pending)
             chat.reset()
             told_dropping = False
             print("[conversation cleared" + ("; the image is dropped too: /image PATH attaches one again]"
                                              if had_image else "]"), file=out, flush=True)
-            continue
+            return True
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             if path:
                 attach(path)
             else:
                 print("[usage] /image PATH", file=out, flush=True)
-            continue
+            return True
         if line.startswith("/"):
             print(f"[unknown command] {HELP}", file=out, flush=True)
-            continue
+            return True
         print("ASSISTANT: ", end="", file=out, flush=True)
         try:
             for piece in chat.stream(line):
@@ -155,6 +186,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"[the conversation outgrew the model's context of {engine.max_context} tokens: its oldest "
                   "turns are dropped from now on (those holding the image stay); /reset starts afresh]",
                   file=out, flush=True)
+        return True
+
+    while (line := read_line(interactive)) is not None:
+        try:
+            if not handle(line.strip()):
+                break
+        # Ctrl-C once a line is entered (before its reply streams, while an image loads) stops
+        # what that line started; only Ctrl-C at the prompt quits.
+        except KeyboardInterrupt:
+            print(" [stopped]", file=out, flush=True)
     return 0
 
 

@@ -249,10 +249,11 @@ class BatchRun:
                     break
                 n_image_tokens += 1
             n += 1
-        n -= n_image_tokens % per_image  # never split an image
+        if n_image_tokens:  # a text-only model has none, nor tokens per image
+            n -= n_image_tokens % per_image  # never split an image
         if n * (len(prompts) - 1) < MIN_SHARED_SAVING:
             return 0, 0
-        return n, n_image_tokens // per_image
+        return n, n_image_tokens // per_image if n_image_tokens else 0
 
     def _decode(self, tokens: list[int]) -> torch.Tensor | None:
         eng, st = self.engine, self._state

@@ -18,8 +18,10 @@ from typing import Hashable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from ..model.causal_lm import LoadedTextModel
 from ..model.checkpoint import LoadedModel, load
 from ..text.encode import EncodingError, encode_conversation
+from ..text.hf_chat import ChatTemplateError, encode_with_chat_template
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
@@ -31,14 +33,15 @@ from .types import (
     EncodedPrompt,
     GenerationConfig,
     ImageInput,
+    ImagesNotSupported,
     Prompt,
     PromptError,
     PromptTooLong,
     StoredPrefix,
 )
 
-__all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageInput", "Prompt", "PromptError",
-           "PromptTooLong", "BatchRun"]
+__all__ = ["Completion", "EncodedPrompt", "Engine", "GenerationConfig", "ImageInput", "ImagesNotSupported", "Prompt",
+           "PromptError", "PromptTooLong", "BatchRun"]
 
 
 # Below this many tokens, a stored prefix is not worth its bookkeeping.
@@ -46,13 +49,15 @@ MIN_STORED_PREFIX = 4
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, image_cache_size: int = 64, preallocate_cache: bool = True,
+    def __init__(self, loaded: LoadedModel | LoadedTextModel, image_cache_size: int = 64, preallocate_cache: bool = True,
                  stored_turns: int = 8, stored_turn_bytes: int = 1 << 30):
         self.loaded = loaded
         self.preallocate_cache = preallocate_cache
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         self.template = loaded.template
+        # A plain causal LM: prompts rendered by its tokenizer's chat template, no images.
+        self.text_only = loaded.text_only
         self.lm = self.model.language_model
         self.device = self.model.device
         cfg = self.model.config
@@ -61,6 +66,7 @@ class Engine:
         tok = self.tokenizer
         self.stop_string = self.template.stop_string(tok.eos_token or "</s>", tok.bos_token or "")
         self.eos_id = tok.eos_token_id
+        self.extra_stop_ids = set(loaded.stop_token_ids)
         lm_max = getattr(self.lm.config, "max_position_embeddings", None) or cfg.max_length
         self.max_context = int(min(cfg.max_length or lm_max, lm_max))
         # No token covers more characters than the vocabulary's longest, so a text longer than
@@ -69,7 +75,7 @@ class Engine:
         self.max_prompt_chars = self.max_context * max(longest, 1)
         # Never generate the image placeholder or padding: neither is text.
         self._suppress = sorted({i for i in (self.image_token_id, tok.pad_token_id)
-                                 if i is not None and i != self.eos_id})
+                                 if i is not None and i >= 0 and i != self.eos_id})
         self._suppress_t = torch.tensor(self._suppress, device=self.device, dtype=torch.long)
         self._special_ids = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
         self.cache_kwarg = self.model.cache_kwarg()
@@ -141,7 +147,11 @@ class Engine:
     # -- prompts ---------------------------------------------------------------
     def check_size(self, n_images: int, n_chars: int) -> None:
         """Raise PromptTooLong when ``n_images`` images and ``n_chars`` characters of text can never
-        fit the context, whatever the text: cheap, so callers check before decoding or tokenizing."""
+        fit the context, whatever the text: cheap, so callers check before decoding or tokenizing.
+        A text-only model refuses any image here (ImagesNotSupported)."""
+        if n_images and self.text_only:
+            raise ImagesNotSupported(f"{self.name} is a text-only model: it takes no images ({n_images} given); "
+                                     "send text only")
         if n_images * self.num_image_tokens >= self.max_context:
             raise PromptTooLong(f"{n_images} images take {n_images}x{self.num_image_tokens} = "
                                 f"{n_images * self.num_image_tokens} tokens; the model's context is {self.max_context}")
@@ -156,6 +166,15 @@ class Engine:
             raise PromptError("prompt has no turns")
         images = list(prompt.images)
         self.check_size(len(images), sum(len(str(t.get("value", ""))) for t in turns) + len(prompt.system or ""))
+        if self.text_only:
+            try:
+                with self._tok_lock:
+                    ids = encode_with_chat_template(self.tokenizer, turns, prompt.system)
+            except ChatTemplateError as e:
+                raise PromptError(str(e)) from None
+            if len(ids) >= self.max_context:
+                raise PromptTooLong(f"prompt is {len(ids)} tokens; the model's context is {self.max_context}")
+            return EncodedPrompt(ids, [])
         for i, im in enumerate(images):
             self._check_image(i, im)
         n_slots = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns)
@@ -202,6 +221,8 @@ class Engine:
         within one call (a batch of questions about one picture)."""
         if not images:
             return None
+        if self.text_only:
+            raise ImagesNotSupported(f"{self.name} is a text-only model: it takes no images")
         out: list[torch.Tensor | None] = [None] * len(images)
         caching = self.image_cache.capacity > 0
         todo: dict[Hashable, list[int]] = {}  # each image to encode, with the slots it fills
@@ -267,7 +288,7 @@ class Engine:
 
     def stop_strings(self, config: GenerationConfig) -> tuple[set[int], list[str]]:
         """Stops as token ids (special tokens, EOS) and as text (everything else)."""
-        ids = {self.eos_id} if self.eos_id is not None else set()
+        ids = ({self.eos_id} if self.eos_id is not None else set()) | self.extra_stop_ids
         texts: list[str] = []
         for s in [self.stop_string, *config.stop]:
             if not s:

@@ -21,6 +21,10 @@ class PromptTooLong(PromptError):
     pass
 
 
+class ImagesNotSupported(PromptError):
+    """Images given to a model that reads text only (a plain causal LM)."""
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -112,5 +116,7 @@ class StoredPrefix:
                     break
                 n_image_tokens += 1
             n += 1
+        if not n_image_tokens:  # also for a text-only model, which has no tokens per image
+            return n, 0
         n -= n_image_tokens % per_image
         return n, n_image_tokens // per_image

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +33,7 @@ from ..text.tokenizer import load_tokenizer
 from .adapters import (ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, find_adapter_dir, is_adapter_dir, merge_adapters,
                        merged_name)
 from .build import text_config_from_dict
+from .causal_lm import LoadedTextModel, is_causal_lm_dir, load_causal_lm, looks_like_llava
 from .config import CONFIG_NAME, VLMConfig
 from .vision import VisionTower, vision_config_from_dict
 from .vlm import VisionLanguageModel
@@ -77,15 +79,21 @@ def read_config(path: str | os.PathLike) -> VLMConfig:
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
-        raise FileNotFoundError(f"not a vistune model directory (no {CONFIG_NAME}): {path}")
+        raise FileNotFoundError(f"not a vistune model directory nor a Hugging Face causal LM (no {CONFIG_NAME}): "
+                                f"{path}")
     try:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or "vision" not in d or "text" not in d:
+        if isinstance(d, dict) and looks_like_llava(d):
+            raise ValueError(f"{cfg_file} is not a vistune config (no 'vision'/'text'); to use an original LLaVA "
+                             "or llava-hf checkpoint, run `vistune import` first")
+        kind = d.get("model_type") if isinstance(d, dict) else None
         raise ValueError(
-            f"{cfg_file} is not a vistune config (no 'vision'/'text'); "
-            "to use an original LLaVA or llava-hf checkpoint, run `vistune import` first"
+            f"{cfg_file} is neither a vistune config (no 'vision'/'text') nor a Hugging Face causal LM's "
+            f"(model_type {kind!r} is no text-generation architecture transformers knows); to use an original "
+            "LLaVA or llava-hf checkpoint, run `vistune import` first"
         )
     return VLMConfig.from_dict(d)
 
@@ -204,6 +212,8 @@ class LoadedModel:
     model: VisionLanguageModel
     tokenizer: PreTrainedTokenizerBase
     path: Path | None = None
+    text_only: ClassVar[bool] = False
+    stop_token_ids: ClassVar[frozenset[int]] = frozenset()  # beyond the tokenizer's EOS
 
     @property
     def config(self) -> VLMConfig:
@@ -224,7 +234,11 @@ class LoadedModel:
         return save_model(self.model, self.tokenizer, path)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """`vistune.load(path)`: a saved model ready for inference."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+         ) -> LoadedModel | LoadedTextModel:
+    """`vistune.load(path)`: a saved model ready for inference; a plain Hugging Face causal LM
+    directory comes back as a `LoadedTextModel` (text only, its own chat template)."""
+    if not is_adapter_dir(path) and is_causal_lm_dir(path):
+        return load_causal_lm(path, device, dtype)
     model, tok = load_model(path, device, dtype)
     return LoadedModel(model, tok, Path(path))

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..infer.engine import EncodedPrompt, Engine, GenerationConfig, Prompt, PromptError, PromptTooLong
+from ..infer.engine import (EncodedPrompt, Engine, GenerationConfig, ImagesNotSupported, Prompt, PromptError,
+                            PromptTooLong)
 from ..infer.memory import one_malloc_arena
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batching import Batcher
@@ -176,6 +177,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bo
                 encoded: EncodedPrompt = await run_in_threadpool(engine.encode, prompt)
             except PromptTooLong as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            except ImagesNotSupported as e:
+                raise ApiError(400, str(e), param=draft.images[0][1] if draft.images else "messages",
+                               code="images_not_supported") from None
             except PromptError as e:
                 raise ApiError(400, str(e), param="messages") from None
         cid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -47,7 +47,12 @@ def make_respond(engine: Engine, streamer=None, config: GenerationConfig | None 
             if session["image"] is not None or chat.turns:
                 chat.reset()
                 history = [{"role": "assistant", "content": NEW_IMAGE}]
-            chat.attach(image)
+            try:
+                chat.attach(image)
+            except PromptError as e:  # a text-only model takes no images
+                yield history + [{"role": "user", "content": message}, {"role": "assistant", "content": f"⚠️ {e}"}], \
+                    session, message
+                return
             session["image"] = image_key(image)
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         try:

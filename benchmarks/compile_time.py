@@ -2,8 +2,8 @@
 
 ``train.compile`` compiles each decoder layer on its own; layers of one class share a graph,
 so the compile should not grow with depth. The baseline is how vistune compiled before
-2026-12-05: the decoder's whole stack under one ``torch.compile`` and, for the loss path,
-the whole function that runs it with the last layer at the supervised rows.
+2026-12-05: the decoder's whole stack under one ``torch.compile``. (The committed results
+were taken when the loss path also ran a compiled last layer at the supervised rows, since removed.)
 
 Each system runs in a process of its own with an empty inductor cache, as on a fresh machine:
 the demo-shaped model (192 wide, 6 heads, 64 visual tokens per image, batch 14, features from
@@ -57,16 +57,13 @@ def _setup(layers: int, threads: int):
 
 def _compiled_step(system: str, model, losses: list):
     """Compile ``model`` as ``system`` does and return its training step (Muon, bf16 autocast)."""
-    import contextlib
-
     import torch
     import train_step as ts
 
-    from vistune.model import last_layer
     from vistune.train import stages
     from vistune.train.optim import Muon
+    from vistune.train.speedups import for_training
 
-    whole_rows = None
     if system == "whole stack":
         keep = stages.repeated_layers
         stages.repeated_layers = lambda decoder: None  # no list of layers found: the decoder compiled whole
@@ -74,26 +71,10 @@ def _compiled_step(system: str, model, losses: list):
             stages.compile_decoder(model, torch.device("cpu"))
         finally:
             stages.repeated_layers = keep
-        model.last_layer_at_rows = last_layer.last_layer_at_rows  # traced inside the function below
-        whole_rows = torch.compile(last_layer.hidden_at_rows, dynamic=True)
     else:
         stages.compile_decoder(model, torch.device("cpu"))
-    inner = ts.step_fn(model, ts.muon_adamw(model, Muon), lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-                       losses, padding_mask=False, last_rows=True)
-
-    @contextlib.contextmanager
-    def rows_function():
-        keep = last_layer.hidden_at_rows
-        last_layer.hidden_at_rows = whole_rows or keep
-        try:
-            yield
-        finally:
-            last_layer.hidden_at_rows = keep
-
-    def step(batch):
-        with rows_function():
-            inner(batch)
-    return step
+    return ts.step_fn(for_training(model), ts.muon_adamw(model, Muon),
+                      lambda: torch.autocast("cpu", dtype=torch.bfloat16), losses)
 
 
 def compile_once(system: str, layers: int, threads: int) -> dict:

@@ -59,6 +59,7 @@ from vistune.model.tiny import tiny_text_config, tiny_vision_config  # noqa: E40
 from vistune.text.encode import encode_conversation  # noqa: E402
 from vistune.text.tokenizer import train_bpe_tokenizer  # noqa: E402
 from vistune.train.packing import PackCollator, use_packed_attention  # noqa: E402
+from vistune.train.speedups import for_training  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 8
@@ -254,6 +255,8 @@ class System:
 
 
 def vistune_step(model, opt, autocast):
+    model = for_training(model)  # what the trainer runs: the same modules, train/speedups.py's forward
+
     def step(batch):
         with autocast():
             out = model(**batch)

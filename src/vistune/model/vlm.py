@@ -15,7 +15,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..text.encode import IGNORE_INDEX
-from . import last_layer
 from .config import VLMConfig
 from .projector import build_projector
 from .unwrap import unwrap_peft
@@ -35,6 +34,9 @@ class VLMOutput:
 
 
 class VisionLanguageModel(nn.Module):
+    """Vision tower, projector and causal LM; the forward is the plain one, logits at every position
+    (training runs an equivalent with less work: vistune.train.speedups)."""
+
     def __init__(self, config: VLMConfig, vision: VisionTower, language_model: PreTrainedModel,
                  projector: nn.Module | None = None):
         super().__init__()
@@ -45,9 +47,6 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector_type, vision.hidden_size, text_dim
         )
-        # The loss path's last decoder layer at the supervised rows only; training may swap
-        # in a compiled copy (train.compile).
-        self.last_layer_at_rows = last_layer.last_layer_at_rows
 
     # -- pieces ---------------------------------------------------------------
     @property
@@ -118,8 +117,6 @@ class VisionLanguageModel(nn.Module):
         **lm_kwargs,
     ) -> VLMOutput:
         embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds)
-        if labels is not None and self._fast_loss_ok():
-            return self._loss_only(embeds, attention_mask, position_ids, labels, **lm_kwargs)
         if past_key_values is not None:
             lm_kwargs[self.cache_kwarg()] = past_key_values
         out = self.language_model(
@@ -145,80 +142,15 @@ class VisionLanguageModel(nn.Module):
             self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
         return self._cache_arg_name
 
-    def _fast_loss_ok(self) -> bool:
-        # Models that post-process logits (soft-capping, scaling) take the generic path.
-        cfg = unwrap_peft(self.language_model).config
-        return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-
-    def _loss_only(self, embeds, attention_mask, position_ids, labels, **lm_kwargs) -> VLMOutput:
-        """Loss without materialising logits for unsupervised positions.
-
-        Most of a LLaVA sample (system prompt, questions, 576 image tokens) is not
-        supervised; computing the vocabulary projection only where labels exist saves
-        time and memory, and gives the same loss as the full path. Where the LM's layout
-        allows (``last_layer.supports``), its last layer runs at those positions only too.
-        """
-        lm = unwrap_peft(self.language_model)
-        decoder = getattr(lm, lm.base_model_prefix)
-        if last_layer.sliding_window_applies(lm.config, embeds.shape[1]):
-            mask = attention_mask  # the window hides more than the causal mask: transformers builds it
-        else:
-            mask = causal_training_mask(attention_mask, lm.config._attn_implementation, embeds.dtype)
-        causal = attention_mask is None or mask is not attention_mask  # right padding or none: the causal mask
-        if causal and position_ids is None and not lm_kwargs and last_layer.supports(decoder, embeds.shape[1]):
-            rows = last_layer.supervised_rows(labels)
-            if rows.shape[1]:
-                hidden = last_layer.hidden_at_rows(decoder, embeds, mask, rows, self.last_layer_at_rows)
-                return _loss_at(lm, hidden.flatten(0, 1), labels[:, 1:].gather(1, rows).flatten())
-        hidden = decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
-            **lm_kwargs,
-        ).last_hidden_state
-        shift_labels = labels[:, 1:]
-        keep = shift_labels != IGNORE_INDEX
-        return _loss_at(lm, hidden[:, :-1][keep], shift_labels[keep])
-
-
-def _loss_at(lm: PreTrainedModel, hidden: torch.Tensor, target: torch.Tensor) -> VLMOutput:
-    """Mean cross-entropy of the LM head over (N, hidden) states; IGNORE_INDEX targets skipped."""
-    logits = lm.get_output_embeddings()(hidden)
-    n = int((target != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / max(n, 1)
-    return VLMOutput(loss=loss, num_supervised=n)
-
-
-def causal_training_mask(attention_mask: torch.Tensor | None, attn_implementation: str,
-                         dtype: torch.dtype) -> torch.Tensor | None:
-    """The attention mask a right-padded training batch needs: the causal one alone.
-
-    With padding on the right, a real token only attends to tokens before it, none of
-    them padding, and padded positions carry no loss: the causal mask gives the loss and
-    its gradients bit for bit. Eager attention gets it as one prepared (1, 1, L, L) float
-    mask, which compiled attention reads instead of rebuilding it from the padding mask
-    element by element (a cost on every step; measured: docs/benchmarks.md); SDPA gets
-    none, and takes its causal kernel. Other masks (left padding, other attention
-    implementations) pass unchanged.
-    """
-    if attention_mask is None or attention_mask.dim() != 2 or attn_implementation not in ("eager", "sdpa"):
-        return attention_mask
-    if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        return attention_mask  # not right padding
-    if attn_implementation == "sdpa":
-        return None
-    n = attention_mask.shape[1]
-    i = torch.arange(n, device=attention_mask.device)
-    blocked = (i[None, :] > i[:, None])[None, None]
-    return torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-        blocked, torch.finfo(dtype).min)
-
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over supervised positions."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    n = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    ) / max(n, 1)
+    """Mean next-token cross-entropy over supervised positions, and how many there are."""
+    return token_loss(logits[:, :-1], labels[:, 1:])
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of (..., vocab) logits against targets; IGNORE_INDEX targets skipped."""
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / max(n, 1)
     return loss, n

@@ -38,6 +38,7 @@ from .precision import mixed_precision
 from .resume import check_settings, run_settings
 from .rundir import BAD_RECORDS_FILE, CONFIG_FILE, CUT_RECORDS_FILE, check_claim, claim, clean_interrupted_writes
 from .sampler import BatchPlan
+from .speedups import for_training
 from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, save_projector,
                      set_train_mode, trainable_state_dict)
 
@@ -230,6 +231,7 @@ class Trainer:
         restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None
         if t.compile:
             restore_attn = compile_decoder(model, acc.device) or restore_attn
+        model = for_training(model)  # the same modules, trained with train/speedups.py
         dataset = self._dataset(model, tok, acc)
         n = len(dataset)
         if n == 0:

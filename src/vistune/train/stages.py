@@ -21,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 from ..files import atomic_path
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
-from ..model.last_layer import last_layer_at_rows
 from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, RunConfig, check_paths, module_lr
@@ -177,12 +176,12 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     Dynamic shapes from the start: batches vary in length, and a static first graph would
     be compiled again as a dynamic one. On a CPU, SDPA gives way to eager attention, whose
     matmuls and softmax inductor fuses, where SDPA's CPU kernel is one opaque op to it
-    (so small CPU steps run faster). The loss path's last layer at
-    the supervised rows (``model.last_layer_at_rows``) is compiled too.
+    (so small CPU steps run faster).
     Returns the attention implementation it replaced (to restore before saving), or None.
     """
     base = unwrap_peft(model.language_model)
     replaced = None
+    # config._attn_implementation is transformers' only way to read which attention runs.
     if device.type == "cpu" and base.config._attn_implementation == "sdpa":
         base.set_attn_implementation("eager")
         replaced = "sdpa"
@@ -190,7 +189,6 @@ def compile_decoder(model: VisionLanguageModel, device: torch.device) -> str | N
     layers = repeated_layers(decoder)
     for region in layers if layers is not None else [decoder]:
         region.compile(dynamic=True)
-    model.last_layer_at_rows = torch.compile(last_layer_at_rows, dynamic=True)
     return replaced
 
 

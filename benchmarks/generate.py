@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistune import runtime
 from vistune.files import write_json
 from vistune.infer.chat import Chat
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
@@ -334,6 +335,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    runtime.inference_process()  # what `vistune infer` and `serve` set: the engine leaves it to its caller
 
     result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
     rows = []

@@ -17,7 +17,7 @@ All start from the same weights and see the same batches in the same order. ``be
 stack`` should give the same losses to the last digit (``same_losses``); the last-layer path rounds
 differently and is compared by its largest relative loss difference. Steps are interleaved; medians
 are compared.
-glibc's ``keep_freed_memory`` is process-wide, so both systems run with it, as training does.
+glibc's allocator setting (``runtime.training_memory``) is process-wide, so both systems run with it, as training does.
 
     python benchmarks/train_step.py               # writes benchmarks/results/train_step.{json,md}
     python benchmarks/train_step.py --threads 1   # as the demo's stage 2 beside its ablation
@@ -40,7 +40,8 @@ import train_compile as tc  # noqa: E402  (its demo-shaped model, cached batches
 import train_throughput as tt  # noqa: E402
 
 from vistune.demo.pipeline import DemoConfig  # noqa: E402
-from vistune.hardware import cpu_name, fast_bf16, keep_freed_memory  # noqa: E402
+from vistune import runtime  # noqa: E402
+from vistune.hardware import cpu_name, fast_bf16  # noqa: E402
 from vistune.instruct.rules import generate_mix  # noqa: E402
 from vistune.instruct.synth import make_world  # noqa: E402
 from vistune.text.encode import encode_conversation  # noqa: E402
@@ -114,7 +115,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    runtime.training_memory()
     rounds, n_batches = (6, 4) if args.quick else (25, 8)
     device = torch.device("cpu")
     bf16 = fast_bf16(device)

@@ -7,8 +7,8 @@ so it gets what that work was tuned with:
 
     training_process()   `vistune train`: on a machine without an accelerator, glibc
                          keeps freed blocks and up to 1 GiB of free heap
-    inference_process()  `vistune infer` / `chat` / `predict` / `eval`: glibc keeps freed
-                         blocks and up to 256 MiB of free heap
+    inference_process()  `vistune chat` / `predict` / `eval`: glibc keeps freed blocks
+                         and up to 256 MiB of free heap
     serving_process()    `vistune serve` / `web` and `create_app`: inference's setting,
                          one malloc arena (so the idle trim reaches every thread's
                          memory) and, with the web page, no gradio analytics
@@ -125,7 +125,7 @@ def training_process() -> bool:
 
 
 def inference_process() -> bool:
-    """What `vistune infer`, `chat`, `predict` and `eval` set: the inference allocator setting, so
+    """What `vistune chat`, `predict` and `eval` set: the inference allocator setting, so
     that a batch's activations reuse their pages. Returns whether the allocator was tuned."""
     return inference_memory()
 

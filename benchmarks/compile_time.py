@@ -38,13 +38,13 @@ def _setup(layers: int, threads: int):
     import train_step as ts
     import train_throughput as tt
 
-    from vistune.hardware import keep_freed_memory
+    from vistune import runtime
     from vistune.text.templates import get_template, render as render_template
     from vistune.text.tokenizer import train_bpe_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    keep_freed_memory()
+    runtime.training_memory()
     records = ts.demo_records()
     v0 = get_template("v0")
     texts = [render_template(v0, [{**t, "value": t["value"].replace("<image>", "").strip()} for t in r["conversations"]],

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistune import runtime
 from vistune.files import write_json
 from vistune.infer.chat import Chat
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
@@ -394,6 +395,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    runtime.inference_process()  # what `vistune infer` and `serve` set: the engine leaves it to its caller
 
     # the load average before and after: on a shared machine it says how far to trust the run
     result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,

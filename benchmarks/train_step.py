@@ -16,7 +16,7 @@ template, a BPE tokenizer of 1024 trained on their text):
 Both start from the same weights and see the same batches in the same order; the head at the
 supervised rows rounds differently, so the losses are compared by their largest relative difference.
 Steps are interleaved; medians are compared.
-glibc's ``keep_freed_memory`` is process-wide, so both systems run with it, as training does.
+glibc's allocator setting (``runtime.training_memory``) is process-wide, so both systems run with it, as training does.
 
     python benchmarks/train_step.py               # writes benchmarks/results/train_step.{json,md}
     python benchmarks/train_step.py --threads 1   # as the demo's stage 2 beside its ablation
@@ -39,7 +39,8 @@ import train_compile as tc  # noqa: E402  (its demo-shaped model, cached batches
 import train_throughput as tt  # noqa: E402
 
 from vistune.demo.pipeline import DemoConfig  # noqa: E402
-from vistune.hardware import cpu_name, fast_bf16, keep_freed_memory  # noqa: E402
+from vistune import runtime  # noqa: E402
+from vistune.hardware import cpu_name, fast_bf16  # noqa: E402
 from vistune.instruct.rules import generate_mix  # noqa: E402
 from vistune.instruct.synth import make_world  # noqa: E402
 from vistune.text.encode import encode_conversation  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    runtime.training_memory()
     rounds, n_batches = (6, 4) if args.quick else (25, 8)
     device = torch.device("cpu")
     bf16 = fast_bf16(device)

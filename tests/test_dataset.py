@@ -122,7 +122,7 @@ def test_validate_with_a_model_names_what_training_would_skip_or_cut(tiny_model,
 
 
 def test_cache_tokens_encodes_each_record_once_and_keeps_no_bad_one(tiny_model, tmp_path, monkeypatch):
-    import vistune.data.dataset as dataset_mod
+    import vistune.text.settings as settings_mod  # where TextSettings encodes
 
     model, tok = tiny_model
     p = write_data(tmp_path)
@@ -133,8 +133,8 @@ def test_cache_tokens_encodes_each_record_once_and_keeps_no_bad_one(tiny_model, 
     plain = VLDataset(p, text, tmp_path / "img", model.config.image)
     expected = [plain[i] for i in (0, 1)]
     calls = []
-    real = dataset_mod.encode_conversation
-    monkeypatch.setattr(dataset_mod, "encode_conversation", lambda *a, **k: calls.append(k["record_id"]) or real(*a, **k))
+    real = settings_mod.encode_conversation
+    monkeypatch.setattr(settings_mod, "encode_conversation", lambda *a, **k: calls.append(k["record_id"]) or real(*a, **k))
     ds = VLDataset(p, text, tmp_path / "img", model.config.image, cache_tokens=True)
     for _epoch in range(3):
         for i, want in zip((0, 1), expected):

@@ -4,13 +4,13 @@ import sys
 
 import pytest
 
-from vistune.hardware import keep_freed_memory
+from vistune.runtime import training_memory
 
 # malloc(16 MiB), then mallinfo2's bytes in mmapped blocks (hblkhd), in a fresh process: with glibc's
-# defaults such a block is mmapped (and unmapped again when freed); after keep_freed_memory it is not.
+# defaults such a block is mmapped (and unmapped again when freed); after training_memory it is not.
 _PROBE = """
 import ctypes, sys
-from vistune.hardware import keep_freed_memory
+from vistune.runtime import training_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -18,7 +18,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    assert training_memory()
 before = libc.mallinfo2().hblkhd
 p = libc.malloc(16 << 20)
 print(libc.mallinfo2().hblkhd - before)
@@ -34,7 +34,7 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap_it_keeps():
 
     assert mmapped("default") >= 16 << 20
     assert mmapped("keep") == 0
-    assert keep_freed_memory() is True
+    assert training_memory() is True
 
 
 def test_describe_machine_names_what_a_timing_depends_on():

@@ -9,7 +9,7 @@ is one a refactoring can turn into a real one).
   ``__version__`` from ``vistune`` without closing a loop through the facade.
 - No upward import between packages. A module's layer is its package's:
 
-      text, files, hardware  <  data  <  model, instruct  <  train, infer, interop
+      text, files, hardware  <  data, runtime  <  model, instruct  <  train, infer, interop
       <  serve, eval  <  demo  <  cli
 
   A module imports its own package and packages of lower layers only. Two packages of
@@ -36,7 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vistune"  # this checkout's
 # package (first part under vistune) -> layer; a module imports only its own package and lower layers
 LAYERS = {
     "text": 0, "files": 0, "hardware": 0,
-    "data": 1,
+    "data": 1, "runtime": 1,
     "model": 2, "instruct": 2,
     "train": 3, "infer": 3, "interop": 3,
     "serve": 4, "eval": 4,

@@ -1,4 +1,4 @@
-"""The engine keeps freed activation memory instead of page-faulting it back in at every step."""
+"""An inference process keeps freed activation memory instead of page-faulting it back in at every step."""
 from __future__ import annotations
 
 import subprocess
@@ -6,17 +6,17 @@ import sys
 
 import pytest
 
-from vistune.infer import memory
+from vistune import runtime
 
 # A batched prefill in miniature: four residual MLP layers on (8, 96, 256), whose 3 MB
 # activations are allocated and freed at every layer. Prints the page faults of passes 7-10
 # (the first passes settle where the blocks go).
 SCRIPT = """
 import importlib.util, resource, sys, torch
-spec = importlib.util.spec_from_file_location("memory", sys.argv[1])  # the module alone: a quick start
-memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(memory)
-if not memory.keep_freed_memory():
+spec = importlib.util.spec_from_file_location("runtime", sys.argv[1])  # the module alone: a quick start
+runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runtime)
+if not runtime.inference_process():
     print("unsupported")
     sys.exit()
 mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 256))
@@ -36,7 +36,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def late_faults() -> str:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, memory.__file__], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, runtime.__file__], capture_output=True, text=True,
                          check=True)
     return out.stdout.strip()
 

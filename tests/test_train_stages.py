@@ -79,7 +79,7 @@ def test_bf16_and_fp16_options(tiny_data, base_model_dir, tmp_path, monkeypatch,
     import importlib.util
     import logging
 
-    from vistune.train import loop
+    from vistune.train import setup
 
     import pytest
 
@@ -91,7 +91,7 @@ def test_bf16_and_fp16_options(tiny_data, base_model_dir, tmp_path, monkeypatch,
         return [json.loads(x)["loss"] for x in run(cfg).metrics_path.read_text().splitlines()]
 
     ref = losses("ref", {})
-    monkeypatch.setattr(loop, "bf16_support", lambda: (False, "the CPU has no native bf16"))
+    monkeypatch.setattr(setup, "bf16_support", lambda: (False, "the CPU has no native bf16"))
     with caplog.at_level(logging.WARNING, logger="vistune.train"):
         bf16 = losses("bf16", {"train.precision": "bf16"})  # autocast on CPU
     assert bf16 == pytest.approx(ref, rel=3e-2) and bf16 != ref

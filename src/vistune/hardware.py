@@ -119,29 +119,12 @@ def fast_bf16(device: torch.device) -> bool:
     return bf16_on(device)[0]
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-@lru_cache(maxsize=1)
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse (a CPU training run).
-
-    By default glibc hands large blocks back to the OS when they are freed, and a training
-    step that allocates the same activations again page-faults every page of them in anew, a
-    visible share of a small model's CPU step (docs/benchmarks.md). The effect is the same as
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment, for this process, from now on; memory the process already holds stays with it instead of
-    going back to the OS. Returns whether it applied (not on other C libraries).
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok)
-    except (OSError, AttributeError):
-        return False
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, NPU): training runs there, not on the CPU."""
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu"):
+        backend = getattr(torch, name, None) or getattr(torch.backends, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False

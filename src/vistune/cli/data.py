@@ -72,8 +72,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _text_settings(model_dir: str, template: str | None, max_length: int | None):
     """What training from ``model_dir`` encodes records with, read from its config and
     tokenizer alone (no weights are loaded)."""
-    from ..data.dataset import text_settings_for
     from ..model.checkpoint import read_config
+    from ..text.settings import text_settings_for
     from ..text.tokenizer import load_tokenizer
 
     try:

@@ -41,12 +41,17 @@ def generation_config(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
-    """The engine over ``--model``; a path that holds no loadable model is a `CommandError`."""
+    """The engine over ``--model``; a path that holds no loadable model is a `CommandError`.
+
+    Sets inference's process settings first (`runtime.inference_process`): every command that
+    generates (chat, predict, eval, serve, web) comes through here."""
     import torch
     from safetensors import SafetensorError
 
+    from .. import runtime
     from ..infer.engine import Engine
 
+    runtime.inference_process()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         return Engine.from_path(args.model, device=args.device, dtype=dtype)

@@ -77,9 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     if args.web and _gradio_missing():
         return 2
-    from ..infer.memory import one_malloc_arena
+    from .. import runtime
 
-    one_malloc_arena()  # before the engine starts threads: their freed memory can then be trimmed
+    runtime.serving_process(web=args.web)  # before the engine starts threads: their freed memory can then be trimmed
     engine = load_engine(args)
     if args.allowed_hosts is not None:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
@@ -110,6 +110,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     if _gradio_missing():
         return 2
+    from .. import runtime
+
+    runtime.serving_process(web=True)
     from ..serve.web import web_app
     from .infer import generation_config
 

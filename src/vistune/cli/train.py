@@ -58,7 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     _setup_logging()
+    from .. import runtime
     from ..train.loop import TooManyBadRecords, run
+
+    runtime.training_process()
 
     try:
         r = run(cfg, resume=args.resume, overwrite=args.overwrite or None)

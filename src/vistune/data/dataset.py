@@ -8,10 +8,9 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase
 
-from ..text.encode import Encoded, EncodingError, encode_conversation
-from ..text.templates import Template, get_template
+from ..text.encode import EncodingError
+from ..text.settings import TextSettings, text_settings_for  # noqa: F401  (text_settings_for: re-exported)
 from .images import ImageConfig, ImageError, load_pixels, resolve_image_path
 from .records import Record, RecordError, RecordFile
 
@@ -23,24 +22,6 @@ class SampleError(ValueError):
         self.record_id = record_id
         self.reason = reason
         super().__init__(f"record {record_id!r}: {reason}")
-
-
-@dataclass
-class TextSettings:
-    """What turns a record into token ids: shared by training, inference and eval."""
-
-    tokenizer: PreTrainedTokenizerBase
-    template: Template
-    image_token_id: int
-    num_image_tokens: int
-    max_length: int = 2048
-    system: str | None = None
-
-    def encode(self, turns: Sequence[dict], record_id: object) -> Encoded:
-        """One record's conversation as training encodes it (raises EncodingError naming it)."""
-        return encode_conversation(self.tokenizer, self.template, turns, image_token_id=self.image_token_id,
-                                   num_image_tokens=self.num_image_tokens, max_length=self.max_length,
-                                   record_id=record_id, system=self.system)
 
 
 @dataclass(frozen=True)
@@ -155,15 +136,3 @@ class VLDataset(Dataset):
             out.append(n if rec.images else -n)
         return out
 
-
-def text_settings_for(model_config, tokenizer: PreTrainedTokenizerBase, template: str | Template | None = None,
-                      max_length: int | None = None, system: str | None = None) -> TextSettings:
-    """TextSettings from a model's VLMConfig, optionally overriding template / length."""
-    return TextSettings(
-        tokenizer=tokenizer,
-        template=get_template(template if template is not None else model_config.template),
-        image_token_id=model_config.image_token_id,
-        num_image_tokens=model_config.num_image_tokens,
-        max_length=max_length or model_config.max_length,
-        system=system,
-    )

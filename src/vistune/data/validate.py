@@ -18,7 +18,7 @@ from .images import ImageError, open_image, resolve_image_path
 from .records import RecordError, RecordFile, parse_record
 
 if TYPE_CHECKING:
-    from .dataset import TextSettings
+    from ..text.settings import TextSettings
 
 
 @dataclass

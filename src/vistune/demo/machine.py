@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .. import runtime
 from ..hardware import bf16_support, describe_machine
 from ..train.optim import Muon, muon_matrices, orthogonalization_dtype
 from .foundation import resolve_compile, resolve_precision
@@ -78,9 +79,7 @@ def plan(precision: str, compile_setting: str, threads: int, side_by_side: bool,
 def probe_step(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, batch: int,
                precision: str, threads: int, steps: int = 3) -> float:
     """Median seconds of a stage-2-shaped training step (forward, backward, Muon) here, uncompiled."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with runtime.threads(max(1, threads)):
         g = torch.Generator().manual_seed(0)
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                           num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -98,8 +97,6 @@ def probe_step(hidden: int, layers: int, heads: int, kv_heads: int, intermediate
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
         return statistics.median(times[1:])
-    finally:
-        torch.set_num_threads(before)
 
 
 def estimate_run_s(probe_s: float, stage2_steps: int) -> float:

@@ -25,7 +25,8 @@ from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
 from ..files import atomic_directory, write_json
-from ..hardware import describe_machine, keep_freed_memory
+from .. import runtime
+from ..hardware import describe_machine
 from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
@@ -186,17 +187,6 @@ def _continue_or_restart(run_dir: Path, resume: bool) -> dict:
     return {"train.overwrite": True}
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's thread count set to ``n`` for the block, and put back after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: VisionPretrainConfig,
                          lm_cfg: LMPretrainConfig, side_by_side: bool) -> None:
     """Stage 0's two models. The vision encoder always trains on one thread: its convolutions sum in
@@ -209,13 +199,13 @@ def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: Visio
     if side_by_side and threads >= 2:
         side = SideCall(pretrain_vision_encoder, vision_args, 1, "CLIP-style vision pretraining", vis_cfg.steps)
         try:
-            with _threads(threads - 1):
+            with runtime.threads(threads - 1):
                 pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
             side.result()
         finally:
             side.stop()
         return
-    with _threads(1):
+    with runtime.threads(1):
         pretrain_vision_encoder(*vision_args, progress=_bar("CLIP-style vision pretraining", vis_cfg.steps))
     pretrain_language_model(texts, tok, foundation / "llm", lm_cfg, _bar("LM pretraining", lm_cfg.steps))
 
@@ -223,8 +213,8 @@ def _pretrain_foundation(texts: list[str], tok, foundation: Path, vis_cfg: Visio
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every phase; returns the report dict (also written to OUT/report.json)."""
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()  # stage 0 and the evaluation too, not only the training runs
+        runtime.set_threads(cfg.threads)
+    runtime.training_memory()  # stage 0 and the evaluation too, not only the training runs
     steps2 = cfg.stage2_steps
     out = Path(cfg.out)
     if cfg.resume:
@@ -308,7 +298,7 @@ def run_demo(cfg: DemoConfig) -> dict:
               f"{main_threads + side_threads} threads) beside stages 1 and 2", flush=True)
         side = SideRun(PRESETS_DIR / "demo-stage2.yaml", no_stage1, side_threads,
                        "ablation (no stage 1)", steps2)
-        torch.set_num_threads(main_threads)
+        runtime.set_threads(main_threads)
     try:
         with phase("stage 1: feature alignment (projector only)"):
             s1 = _train("demo-stage1.yaml", common1, out / "stage1", cfg.resume)
@@ -326,7 +316,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     finally:
         if side is not None:
             side.stop()  # a no-op once its result is in; ends it if the main line failed
-        torch.set_num_threads(main_threads + side_threads)
+        runtime.set_threads(main_threads + side_threads)
 
     with phase("evaluation on held-out scenes"):
         held_root = world / "heldout"
@@ -343,6 +333,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 # The stage-1 model was trained on `plain`; it is asked with the chat template
                 # like the others (the question is whether alignment alone gives answers).
                 loaded.model.config.template = "v0"
+                runtime.inference_process()  # the allocator setting an engine is tuned for
                 engines[model_dir] = Engine(loaded)
             engine = engines[model_dir]
             answers = answer_questions(engine, questions, held_root, blank=blank, progress=bar.update)

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
+from .. import runtime
 from ..train import TrainResult, load_run_config, run
 from ..train.metrics import METRICS_FILE
 
@@ -34,12 +34,13 @@ def split_threads(threads: int) -> tuple[int, int]:
 
 def train_preset(preset: Path, overrides: dict) -> TrainResult:
     """One `vistune train PRESET key=value ...` run; the same in either process."""
+    runtime.training_process()
     return run(load_run_config(preset, overrides))
 
 
 def _start_worker(threads: int, counter=None) -> None:
     global _STEPS
-    torch.set_num_threads(threads)
+    runtime.set_threads(threads)
     _STEPS = counter
 
 

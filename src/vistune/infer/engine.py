@@ -1,9 +1,9 @@
 """The one inference engine: batched generation with a KV cache, sampling, stops, streaming.
 
 Chat, the HTTP server, the web page and batch prediction all call `Engine`. A prompt
-is rendered with the model's template by the same function that builds training
-samples (`encode_conversation(..., add_generation_prompt=True)`), so what the model
-sees at inference is exactly the prefix it was trained on.
+is rendered with the model's `TextSettings`, which also build its training samples
+(`encode_prompt` beside `encode`), so what the model sees at inference is exactly
+the prefix it was trained on.
 
 The engine turns prompts into token ids and image embeddings (each distinct image
 through the vision tower once, `image_cache`); `BatchRun` (batch.py) decodes them.
@@ -20,13 +20,13 @@ from PIL import Image
 
 from ..model.causal_lm import LoadedTextModel
 from ..model.checkpoint import LoadedModel, load
-from ..text.encode import EncodingError, encode_conversation
+from ..text.encode import EncodingError
 from ..text.hf_chat import ChatTemplateError, encode_with_chat_template
+from ..text.settings import text_settings_for
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
 from .kv_cache import preallocated_cache
-from .memory import keep_freed_memory
 from .turn_store import TurnStore
 from .types import (
     Completion,
@@ -55,20 +55,22 @@ class Engine:
         self.preallocate_cache = preallocate_cache
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
-        self.template = loaded.template
         # A plain causal LM: prompts rendered by its tokenizer's chat template, no images.
         self.text_only = loaded.text_only
+        # Template, image tokens and length, resolved from the model's config as training resolves them.
+        self.text = text_settings_for(self.model.config, self.tokenizer,
+                                      template=loaded.template if self.text_only else None)
+        self.template = self.text.template
         self.lm = self.model.language_model
         self.device = self.model.device
-        cfg = self.model.config
-        self.num_image_tokens = int(cfg.num_image_tokens)
-        self.image_token_id = int(cfg.image_token_id)
+        self.num_image_tokens = int(self.text.num_image_tokens)
+        self.image_token_id = int(self.text.image_token_id)
         tok = self.tokenizer
         self.stop_string = self.template.stop_string(tok.eos_token or "</s>", tok.bos_token or "")
         self.eos_id = tok.eos_token_id
         self.extra_stop_ids = set(loaded.stop_token_ids)
-        lm_max = getattr(self.lm.config, "max_position_embeddings", None) or cfg.max_length
-        self.max_context = int(min(cfg.max_length or lm_max, lm_max))
+        lm_max = getattr(self.lm.config, "max_position_embeddings", None) or self.text.max_length
+        self.max_context = int(min(self.text.max_length or lm_max, lm_max))
         # No token covers more characters than the vocabulary's longest, so a text longer than
         # this cannot fit the context: refused before tokenizing it (which takes seconds per MB).
         longest = max((len(t) for t in tok.get_vocab()), default=1)
@@ -84,7 +86,6 @@ class Engine:
         self.padding_mask_4d = getattr(self.lm.config, "_attn_implementation", None) == "sdpa"
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
         self.image_cache = ImageEmbedCache(image_cache_size)
-        keep_freed_memory()  # a batch's activations reuse their pages instead of faulting in new ones
         self.template_prefix = self._prefill_template_prefix() if preallocate_cache else None
         # The keys and values of recent requests that ran alone (prompt and reply), one per
         # conversation: a conversation's next turn starts with them, so it prefills only what follows
@@ -187,11 +188,7 @@ class Engine:
             raise PromptError(f"prompt has {n_slots} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
         try:
             with self._tok_lock:
-                enc = encode_conversation(
-                    self.tokenizer, self.template, turns, image_token_id=self.image_token_id,
-                    num_image_tokens=self.num_image_tokens, system=prompt.system,
-                    add_generation_prompt=True, check=False, record_id="prompt",
-                )
+                enc = self.text.encode_prompt(turns, system=prompt.system)
         except EncodingError as e:
             raise PromptError(e.reason) from None
         if len(enc.input_ids) >= self.max_context:

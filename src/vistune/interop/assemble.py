@@ -20,6 +20,7 @@ from ..data.images import ImageConfig
 from ..model.config import VLMConfig
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
+from ..text.settings import DEFAULT_MAX_LENGTH
 from ..text.templates import get_template
 from ..text.tokenizer import ensure_special_tokens, image_token_id
 from .weights import InteropError, StateDict, load_exact
@@ -34,7 +35,7 @@ class Settings:
     vision_feature_select: str
     template: str | dict
     image: ImageConfig
-    max_length: int = 2048
+    max_length: int = DEFAULT_MAX_LENGTH
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ..files import atomic_directory, write_json
 from ..model.unwrap import unwrap_peft
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
+from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from ..text.templates import get_template
 from .assemble import Imported, Settings, assemble, read_tokenizer
 from .chat_template import guess_template_name, jinja_chat_template
@@ -244,13 +245,13 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
     if meta is not None:
         image = ImageConfig.from_dict(meta["image"])
         tpl = template or meta["template"]
-        max_length = int(meta.get("max_length", 2048))
+        max_length = int(meta.get("max_length", DEFAULT_MAX_LENGTH))
         notes.append(f"settings from {meta_file.name} (written by vistune {meta.get('vistune_version', '?')})")
     else:
         image = image_config_from_processor(_read_processor_settings(src), tower.image_size, str(src))
         guessed = guess_template_name(_read_chat_template(src))
-        tpl = template or guessed or "vicuna_v1"
-        max_length = 2048
+        tpl = template or guessed or DEFAULT_TEMPLATE
+        max_length = DEFAULT_MAX_LENGTH
         if template is None:
             notes.append(f"template {tpl!r} ({'from the chat template' if guessed else 'default'}; "
                          "change with --template)")

@@ -28,6 +28,7 @@ from transformers.initialization import no_init_weights
 
 from ..model.build import image_config_for
 from ..model.vision import VisionTower, load_vision_model
+from ..text.settings import DEFAULT_MAX_LENGTH
 from .assemble import Imported, Settings, assemble, read_tokenizer
 from .weights import InteropError, StateDict, load_exact, read_checkpoint, read_weights
 
@@ -152,7 +153,7 @@ def settings_from(cfg: dict | None, tower: PreTrainedModel, vision_tower: str | 
         vision_feature_select=cfg.get("mm_vision_select_feature", "patch"),
         template=template,
         image=image,
-        max_length=int(cfg.get("tokenizer_model_max_length") or 2048),
+        max_length=int(cfg.get("tokenizer_model_max_length") or DEFAULT_MAX_LENGTH),
     )
 
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
+from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from ..text.templates import get_template
 from ..text.tokenizer import ensure_special_tokens, image_token_id, load_tokenizer
 from .config import VLMConfig
@@ -78,10 +79,10 @@ def build_vlm(
     projector_type: str = "mlp2x_gelu",
     vision_feature_layer: int = -2,
     vision_feature_select: str = "patch",
-    template: str | dict = "vicuna_v1",
+    template: str | dict = DEFAULT_TEMPLATE,
     image: ImageConfig | None = None,
     image_aspect: str = "pad",
-    max_length: int = 2048,
+    max_length: int = DEFAULT_MAX_LENGTH,
     dtype: torch.dtype | None = None,
 ) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
     """Assemble vision tower + new projector + LM, and a tokenizer with vistune's specials.

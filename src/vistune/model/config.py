@@ -5,6 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..data.images import ImageConfig
+from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
@@ -33,9 +34,9 @@ class VLMConfig:
     vision_feature_select: str = "patch"  # patch: drop CLS; cls_patch: keep it
     num_image_tokens: int = 0
     image_token_id: int = -1
-    template: str | dict = "vicuna_v1"
+    template: str | dict = DEFAULT_TEMPLATE
     image: ImageConfig = field(default_factory=ImageConfig)
-    max_length: int = 2048
+    max_length: int = DEFAULT_MAX_LENGTH
     vistune_version: str = ""
     format_version: int = FORMAT_VERSION
 

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import runtime
 from ..infer.engine import (EncodedPrompt, Engine, GenerationConfig, ImagesNotSupported, Prompt, PromptError,
                             PromptTooLong)
-from ..infer.memory import one_malloc_arena
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batching import Batcher
 from .guard import Guard, GuardSettings
@@ -105,10 +105,11 @@ def _error_response(e: ApiError) -> JSONResponse:
 def create_app(engine: Engine, settings: ServeSettings | None = None, *, web: bool = False) -> FastAPI:
     """The FastAPI app; ``web=True`` also mounts the Gradio page at /web on the same batcher."""
     s = settings or ServeSettings()
-    one_malloc_arena()  # so that the idle trim can return what any thread freed
+    # the server's process settings, also for an app built on an engine of the caller's
+    runtime.serving_process(web=web)
     model_id = s.model_name or engine.name
     created = int(time.time())
-    activity = IdleTrim(s.idle_trim_s)
+    activity = IdleTrim(s.idle_trim_s, trim=runtime.release_freed_memory)
     batcher = Batcher(engine, max_batch_size=s.max_batch_size, max_wait_s=s.batch_wait_ms / 1000, activity=activity)
     decodes = Decodes(s.max_decodes_in_flight)
 

@@ -1,6 +1,6 @@
 """Giving freed memory back to the OS once the server has been idle for a moment.
 
-The engine keeps freed heap memory for reuse (`infer.memory.keep_freed_memory`), which
+An inference process keeps freed heap memory for reuse (`runtime.inference_process`), which
 makes a busy server faster but leaves it at the size of its largest burst (decoded
 images, a batch's activations) for good. Work marks itself `busy`; when nothing has
 been busy for ``idle_s``, one trim returns what is free, so a server that sits idle
@@ -13,11 +13,10 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from ..infer.memory import release_freed_memory
-
 
 class IdleTrim:
-    def __init__(self, idle_s: float = 1.0, trim: Callable[[], object] = release_freed_memory):
+    def __init__(self, idle_s: float, trim: Callable[[], object]):
+        """``trim`` hands free memory back (the server passes `runtime.release_freed_memory`)."""
         self.idle_s = idle_s
         self.trim = trim
         self.trims = 0  # for /health and tests

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hmac
 import os
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local server
+import gradio as gr
+from fastapi import FastAPI
 
-import gradio as gr  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-
-from ..infer.chat import Chat  # noqa: E402
-from ..infer.engine import Engine, GenerationConfig, PromptError  # noqa: E402
-from ..infer.image_cache import image_key  # noqa: E402
-from .batching import Batcher  # noqa: E402
+from ..infer.chat import Chat
+from ..infer.engine import Engine, GenerationConfig, PromptError
+from ..infer.image_cache import image_key
+from .batching import Batcher
 
 # System fonts only: the page must render without reaching Google Fonts.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -73,7 +71,9 @@ def build_web(engine: Engine, batcher: Batcher | None = None, config: Generation
     def clear():
         return [], None, None, ""
 
-    with gr.Blocks(title=f"vistune · {engine.name}") as demo:
+    # No calls home from a local page unless the user's environment asks for them (gradio's default is on).
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED") == "True"
+    with gr.Blocks(title=f"vistune · {engine.name}", analytics_enabled=analytics) as demo:
         gr.Markdown(f"### vistune · `{engine.name}`")
         with gr.Row():
             image = gr.Image(type="pil", label="Image", elem_id="image", sources=["upload", "clipboard"], height=360)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..data.collate import PadCollator
 from ..data.dataset import SampleError
+from ..text.settings import DEFAULT_MAX_LENGTH
 from .packing import PackCollator
 
 
@@ -41,7 +42,7 @@ class TrainCollator:
 
     pad_token_id: int
     packing: bool = False
-    pack_length: int = 2048
+    pack_length: int = DEFAULT_MAX_LENGTH
 
     def __post_init__(self) -> None:
         self._pad = PadCollator(self.pad_token_id, side="right")

@@ -27,11 +27,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..data.dataset import SampleError, TextSettings, VLDataset
+from ..data.dataset import SampleError, VLDataset
 from ..data.images import ImageError, load_pixels, resolve_image_path
 from ..data.records import RecordError, RecordFile
 from ..files import atomic_directory
 from ..model.vlm import VisionLanguageModel
+from ..text.settings import TextSettings
 from .config import ConfigError, RunConfig
 
 log = logging.getLogger("vistune.train")

@@ -23,6 +23,7 @@ from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
+from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from .config import ConfigError, RunConfig, check_paths, module_lr
 
 MODULES = ("vision", "projector", "llm")
@@ -45,9 +46,9 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
             projector_type=m.projector or "mlp2x_gelu",
             vision_feature_layer=m.vision_feature_layer,
             vision_feature_select=m.vision_feature_select,
-            template=data.template or "vicuna_v1",
+            template=data.template or DEFAULT_TEMPLATE,
             image_aspect=m.image_aspect,
-            max_length=data.max_length or 2048,
+            max_length=data.max_length or DEFAULT_MAX_LENGTH,
         )
     else:
         raise ConfigError("no model: set model.from, or model.vision and model.llm")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..model.checkpoint import LoadedModel, load
 from ..text.encode import EncodingError, encode_conversation
-from ..text.templates import IMAGE_PLACEHOLDER
+from ..text.templates import IMAGE_PLACEHOLDER, get_template
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
 from .kv_cache import preallocated_cache
@@ -47,12 +47,13 @@ MIN_STORED_PREFIX = 4
 
 class Engine:
     def __init__(self, loaded: LoadedModel, image_cache_size: int = 64, preallocate_cache: bool = True,
-                 stored_turns: int = 8, stored_turn_bytes: int = 1 << 30):
+                 stored_turns: int = 8, stored_turn_bytes: int = 1 << 30, template: str | None = None):
         self.loaded = loaded
         self.preallocate_cache = preallocate_cache
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
-        self.template = loaded.template
+        # ``template``: ask in another template than the model's own (a stage-1 model in a chat one, say).
+        self.template = get_template(template) if template else loaded.template
         self.lm = self.model.language_model
         self.device = self.model.device
         cfg = self.model.config

@@ -16,6 +16,7 @@ from vistune.demo.foundation import LMPretrainConfig, VisionPretrainConfig
 from vistune.demo.pipeline import RUN_SETTINGS, DemoConfig, DemoError, run_demo
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.train.metrics import read_metrics
+from train_fixtures import tiny_config, tiny_data  # noqa: F401
 
 
 def tiny_demo(out, seed=0):
@@ -249,3 +250,20 @@ def test_side_call_raises_the_childs_error(tmp_path):
     finally:
         side.stop()
     assert not (tmp_path / "v").exists()
+
+
+def test_side_run_counts_the_steps_training_reports_through_on_step(tiny_data, tmp_path):
+    import yaml
+
+    from vistune.demo.side import SideRun
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "unused", stage=1).to_dict()))
+    side = SideRun(preset, {"output_dir": str(tmp_path / "run"), "train.max_steps": 3, "train.log_every": 2},
+                   1, "side", 3)
+    try:
+        result = side.result()
+    finally:
+        side.stop()
+    assert result.steps == 3
+    assert side._counter.value == 3  # every optimizer step, not only the logged ones

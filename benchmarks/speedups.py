@@ -26,7 +26,6 @@ Speed-ups that gained under 5 % here were removed; their measurement is kept in 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics

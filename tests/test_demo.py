@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 import vistune
 from vistune import hardware
 from vistune.cli import main
-from vistune.demo.evaluate import normalize
+from vistune.eval.normalize import normalize_answer
 from vistune.demo.foundation import LMPretrainConfig, VisionPretrainConfig
 from vistune.demo.pipeline import RUN_SETTINGS, DemoConfig, DemoError, run_demo
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.train.metrics import read_metrics
+from train_fixtures import tiny_config, tiny_data  # noqa: F401
 
 
 def tiny_demo(out, seed=0):
@@ -33,7 +34,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     report = run_demo(replace(tiny_demo(tmp_path / "demo"), threads=2))
     out = tmp_path / "demo"
     for f in ["report.md", "report.json", "loss.png", "accuracy.png", "samples.json", "model/config.json",
-              "foundation/vision/config.json", "foundation/llm/config.json", "data/instruct.jsonl"]:
+              "foundation/vision/config.json", "foundation/llm/config.json", "data/instruct.jsonl",
+              "eval/full/report.md", "eval/text_only/predictions.jsonl", "eval/descriptions/predictions.jsonl"]:
         assert (out / f).exists(), f
     saved = json.loads((out / "report.json").read_text())
     assert saved["seed"] == 0 and saved["timings"]["total_s"] > 0
@@ -123,11 +125,11 @@ def test_demo_quick_beats_text_only(tmp_path, capsys):
     # The model it leaves answers a held-out question from its image, as `vistune chat` would ask it.
     answers = {s["question_id"]: s for s in json.loads((tmp_path / "q" / "samples.json").read_text())["answers"]["full"]}
     right = next(q for q in map(json.loads, (tmp_path / "q" / "data" / "eval_questions.jsonl").read_text().splitlines())
-                 if answers[q["question_id"]]["correct"] and q["kind"] == "color")
+                 if answers[q["question_id"]]["correct"] and q["question_type"] == "color")
     engine = Engine(vistune.load(tmp_path / "q" / "model"))
     img = Image.open(tmp_path / "q" / "world" / "heldout" / right["image"])
     (c,) = engine.generate([Prompt.ask(right["text"], [img])], GenerationConfig(max_new_tokens=6, temperature=0.0))
-    assert normalize(c.text) == normalize(right["answer"]), (right, c.text)
+    assert normalize_answer(c.text) == normalize_answer(right["answers"][0]), (right, c.text)
 
 
 def test_the_recipe_is_the_same_on_every_cpu(monkeypatch):
@@ -248,3 +250,20 @@ def test_side_call_raises_the_childs_error(tmp_path):
     finally:
         side.stop()
     assert not (tmp_path / "v").exists()
+
+
+def test_side_run_counts_the_steps_training_reports_through_on_step(tiny_data, tmp_path):
+    import yaml
+
+    from vistune.demo.side import SideRun
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "unused", stage=1).to_dict()))
+    side = SideRun(preset, {"output_dir": str(tmp_path / "run"), "train.max_steps": 3, "train.log_every": 2},
+                   1, "side", 3)
+    try:
+        result = side.result()
+    finally:
+        side.stop()
+    assert result.steps == 3
+    assert side._counter.value == 3  # every optimizer step, not only the logged ones

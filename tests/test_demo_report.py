@@ -1,6 +1,4 @@
-import json
-
-from vistune.demo.report import check_targets, markdown, step_times
+from vistune.demo.report import check_targets, markdown, plot_accuracy
 
 
 def report(full=0.64, text_only=0.147, majority=0.393, total_s=549.5):
@@ -41,21 +39,12 @@ def test_markdown_has_the_targets_table():
     assert "| full accuracy | >= 0.9 | 0.64 | **no** |" in md
 
 
-def _metrics(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+def test_accuracy_plot_sets_each_variant_beside_the_majority_answer(tmp_path):
+    from PIL import Image
 
-
-def test_step_times_split_the_first_step_from_the_median_after_it(tmp_path):
-    times = [51.9, 52.3, 52.7, 53.5, 53.9]  # a compile in the first step, then 0.4 s steps and one slow one
-    m = _metrics(tmp_path / "m.jsonl", [{"step": i + 1, "loss": 1.0, "time": t} for i, t in enumerate(times)])
-    assert step_times(m) == {"first_step_s": 51.9, "median_step_s": 0.4}
-
-
-def test_step_times_share_a_gap_among_steps_logged_every_few(tmp_path):
-    m = _metrics(tmp_path / "m.jsonl", [{"step": s, "loss": 1.0, "time": t} for s, t in [(10, 5.0), (20, 7.0), (30, 9.0)]])
-    # Step 1 was not logged, so there is no first-step time to report.
-    assert step_times(m) == {"first_step_s": None, "median_step_s": 0.2}
+    path = plot_accuracy(report(), tmp_path / "accuracy.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300
 
 
 def test_markdown_names_the_machine_and_the_step_times():

@@ -134,6 +134,16 @@ def test_stop_strings_by_template(tokenizer):
     assert ids == {tokenizer.eos_token_id} and texts == []  # " </s>" is matched as the EOS id
 
 
+def test_an_engine_asks_in_the_template_it_is_given_without_touching_the_model(tokenizer):
+    loaded = LoadedModel(*make_model(tokenizer, template="chatml"))
+    eng = Engine(loaded, template="v0")
+    assert eng.template.name == "v0" and loaded.config.template == "chatml"
+    ids, texts = eng.stop_strings(GenerationConfig())
+    assert texts == ["###"] and tokenizer.convert_tokens_to_ids("<|im_end|>") not in ids
+    p = Prompt.ask("what is this?", [noise_image(0)])
+    assert eng.encode(p).input_ids != Engine(loaded).encode(p).input_ids
+
+
 def test_inference_prompt_is_the_training_prefix(engine):
     turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a red square"},
              {"from": "human", "value": "and on the left?"}]

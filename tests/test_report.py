@@ -29,3 +29,16 @@ def test_chart_without_breakdown_shows_overall(tmp_path):
 
 def test_markdown_table_escapes_cells():
     assert markdown_table(["a", "b"], [["x|y", "multi\nline"]]) == "| a | b |\n|---|---|\n| x\\|y | multi line |"
+
+
+def test_comparison_chart_draws_a_bar_per_series_and_category(tmp_path):
+    from vistune.eval.report import comparison_chart
+
+    path = comparison_chart(tmp_path / "c.png", {"full": {"color": 0.9, "shape": 0.8}, "text only": {"color": 0.3}},
+                            ylabel="accuracy", colors={"text only": "#bbbbbb"})
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= 300
+    import pytest
+
+    with pytest.raises(ValueError, match="nothing to chart"):
+        comparison_chart(tmp_path / "d.png", {"full": {}}, ylabel="accuracy")

@@ -84,3 +84,23 @@ def test_eval_vqa_cli_through_real_engine(tmp_path, saved_model, capsys):
     assert m["count"] == 3 and 0.0 <= m["accuracy"] <= 1.0
     assert m["accuracy"] == pytest.approx(sum(p["accuracy"] for p in preds) / 3)
     assert all(p["prompt"].endswith(SHORT_ANSWER_SUFFIX) and p["completion_tokens"] <= 3 for p in preds)
+
+
+def test_prefix_match_counts_answers_that_start_right_but_do_not_stop():
+    qs = [{"question_id": str(i), "answers": [a]} for i, a in enumerate(["blue", "two", "red circle", "yes"])]
+    metrics, rows = score(qs, {"0": "Blue No No No", "1": "2 objects", "2": "red", "3": "no yes"})
+    assert [r["prefix_match"] for r in rows] == [True, True, False, False]
+    assert metrics["prefix_match"] == 0.5 and metrics["exact_match"] == 0.0
+    # An exact match is a prefix match too.
+    assert score(qs[:1], {"0": "Blue."})[0]["prefix_match"] == 1.0
+
+
+def test_majority_baseline_per_question_type_and_overall():
+    from vistune.eval.vqa import majority_baseline
+
+    qs = [{"question_id": "a", "answers": ["red"], "question_type": "color"},
+          {"question_id": "b", "answers": ["Blue"], "question_type": "color"},
+          {"question_id": "c", "answers": ["two"], "question_type": "count"},
+          {"question_id": "d", "answers": ["2"], "question_type": "count"}]  # "two" and "2" are one answer
+    m = majority_baseline(qs)
+    assert m == {"color": 0.5, "count": 1.0, "overall": 0.75}

@@ -20,24 +20,25 @@ import torch
 from tqdm import tqdm
 
 from ..data.records import write_records
-from ..infer.engine import Engine
+from ..eval.vqa import majority_baseline
+from ..files import atomic_directory, write_json, write_jsonl
+from ..hardware import describe_machine
+from ..infer import Engine
 from ..instruct.pairs import make_pairs
 from ..instruct.rules import generate_mix, short_answer_questions
 from ..instruct.synth import make_world
-from ..files import atomic_directory, write_json
 from .. import runtime
-from ..hardware import describe_machine
-from ..model.checkpoint import load
 from ..text.templates import get_template, render
 from ..text.tokenizer import train_bpe_tokenizer
 from ..train import load_run_config
-from ..train.checkpoints import CHECKPOINTS, latest_checkpoint
+from ..train.checkpoints import latest_checkpoint, remove_checkpoints
 from ..train.config import PRESETS_DIR
 from ..train.features import cache_features_for_config
-from .evaluate import Graded, answer_questions, grade, majority_baseline, object_recall
+from ..train.metrics import loss_summary, read_metrics, step_times
+from .evaluate import answer_questions, object_recall, vqa_questions, write_blank_questions
 from .foundation import LMPretrainConfig, VisionPretrainConfig, pretrain_language_model, pretrain_vision_encoder
 from .machine import describe, estimate_run_s, plan, probe_step
-from .report import check_targets, run_losses, step_times, write_report
+from .report import check_targets, write_report
 from .side import SideCall, SideRun, train_preset
 
 
@@ -245,10 +246,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         data = out / "data"
         instruct = generate_mix(train_anns, cfg.instruct_mix, seed=cfg.seed)
         pairs = make_pairs(train_anns, seed=cfg.seed)
-        questions = short_answer_questions(held_anns, seed=cfg.seed)
+        # The held-out questions are a VQA task: one reference answer each, the kind as question type.
+        questions = vqa_questions(short_answer_questions(held_anns, seed=cfg.seed))
         write_records(instruct, data / "instruct.jsonl")
         write_records(pairs, data / "pairs.jsonl")
-        write_records(questions, data / "eval_questions.jsonl")
+        questions_file = write_jsonl(data / "eval_questions.jsonl", questions)
         print(f"   {len(instruct)} instruction records, {len(pairs)} caption pairs, "
               f"{len(questions)} held-out questions")
 
@@ -319,34 +321,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         runtime.set_threads(main_threads + side_threads)
 
     with phase("evaluation on held-out scenes"):
-        held_root = world / "heldout"
-        results: dict[str, Graded] = {}
-        variants = [("full", s2.model_dir, False)]
+        # eval's VQA task, one folder of predictions, metrics and report per variant in OUT/eval.
+        held_root, evals = world / "heldout", out / "eval"
+        variants = [("full", s2.model_dir, questions_file, held_root)]
         if cfg.ablations:
-            variants += [("no_stage1", runs["no_stage1"].model_dir, False), ("stage1_only", s1.model_dir, False),
-                         ("text_only", s2.model_dir, True)]
-        bar = tqdm(total=len(questions) * len(variants), desc="answering", unit="q", leave=False)
-        engines: dict[Path, Engine] = {}
-        for key, model_dir, blank in variants:
-            if model_dir not in engines:
-                loaded = load(model_dir)
-                # The stage-1 model was trained on `plain`; it is asked with the chat template
-                # like the others (the question is whether alignment alone gives answers).
-                loaded.model.config.template = "v0"
-                runtime.inference_process()  # the allocator setting an engine is tuned for
-                engines[model_dir] = Engine(loaded)
-            engine = engines[model_dir]
-            answers = answer_questions(engine, questions, held_root, blank=blank, progress=bar.update)
-            results[key] = grade(questions, answers)
-        bar.close()
-        engine = engines[s2.model_dir]
-        recall, recall_samples = object_recall(engine, held_anns[: cfg.recall_images], held_root)
+            variants += [("no_stage1", runs["no_stage1"].model_dir, questions_file, held_root),
+                         ("stage1_only", s1.model_dir, questions_file, held_root),
+                         ("text_only", s2.model_dir, None, evals)]
+        # Every model is asked in stage 2's template: the stage-1 model was trained on `plain`, and
+        # the question is whether alignment alone gives answers.
+        runtime.inference_process()  # the allocator setting an engine is tuned for
+        engines = {d: Engine.from_path(d, template="v0") for d in dict.fromkeys(d for _, d, _, _ in variants)}
+        results: dict[str, dict] = {}
+        samples: dict[str, list[dict]] = {}
+        for key, model_dir, qfile, image_dir in variants:
+            if qfile is None:  # text only: the full model asked about one blank image
+                qfile = write_blank_questions(questions, evals, engines[model_dir].loaded.image_config.size)
+            results[key], samples[key] = answer_questions(engines[model_dir], qfile, image_dir, evals / key, key)
+        recall, recall_samples = object_recall(engines[s2.model_dir], held_anns[: cfg.recall_images], held_root,
+                                               evals / "descriptions")
 
     with phase("final model and report"):
         final = out / "model"
         with atomic_directory(final) as tmp:
             shutil.copytree(s2.model_dir, tmp, dirs_exist_ok=True)
         majority = majority_baseline(questions)
+        by_kind = {k: {kind: e["accuracy"] for kind, e in m["by"]["question_type"].items()} for k, m in results.items()}
         report = {
             "seed": cfg.seed,
             "precision": precision,
@@ -355,29 +355,29 @@ def run_demo(cfg: DemoConfig) -> dict:
             "machine_plan": machine.to_dict(),
             "stage2_steps": steps2,
             "config": asdict(cfg),
-            "accuracy": {k: round(g.accuracy, 4) for k, g in results.items()},
-            "accuracy_by_kind": {k: {kk: round(vv, 4) for kk, vv in g.by_kind.items()} for k, g in results.items()},
-            "accuracy_first_word": {k: round(g.first_word, 4) for k, g in results.items()},
+            "accuracy": {k: round(m["exact_match"], 4) for k, m in results.items()},
+            "accuracy_by_kind": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in by_kind.items()},
+            "accuracy_first_word": {k: round(m["prefix_match"], 4) for k, m in results.items()},
             "majority_baseline": {k: round(v, 4) for k, v in majority.items()},
             "object_recall": round(recall, 4),
             "questions": len(questions),
             # From metrics.jsonl, which holds every step of a resumed run too.
-            "train_losses": {k: run_losses(r.metrics_path, r.steps) for k, r in runs.items()},
+            "train_losses": {k: {**loss_summary(read_metrics(r.metrics_path)), "steps": r.steps}
+                             for k, r in runs.items()},
             "timings": {**phase.timings},
             "resumed": cfg.resume,  # then the timings are those of the resumed part only
             "resumed_from": {k: str(r.resumed_from) for k, r in runs.items() if r.resumed_from is not None},
             # Machines of one CPU name differ in speed: a time means little without its machine.
             "machine": describe_machine(),
-            "step_times": {k: step_times(r.metrics_path) for k, r in runs.items()},
+            "step_times": {k: step_times(read_metrics(r.metrics_path)) for k, r in runs.items()},
             "ablation_side_by_side": side is not None,
             "model_dir": str(final),
         }
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
         report["targets"] = check_targets(report, cfg.time_budget_s, machine.time_target_applies,
                                           machine.time_target_why)
-        write_report(out, report, runs, {k: g.samples for k, g in results.items()}, recall_samples)
-        # The checkpoints were there for a resume; with the report written, nothing is left to resume
-        # (they were as large as everything else in OUT together).
+        write_report(out, report, runs, samples, recall_samples)
+        # The checkpoints were there for a resume; with the report written, nothing is left to resume.
         for r in runs.values():
-            shutil.rmtree(r.output_dir / CHECKPOINTS, ignore_errors=True)
+            remove_checkpoints(r.output_dir)
     return report

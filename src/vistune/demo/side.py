@@ -8,7 +8,8 @@ side, one thread each, get close to twice the work done.
 
 Each run uses a fixed number of threads, so the numbers stay the same from run to
 run. The side work's progress bar is drawn by this process, one line under the main
-line's bar: from the run's own metrics.jsonl, or from a step counter the child shares.
+line's bar, from a step counter the child shares: training's `on_step` callback, or
+stage 0's own progress callback, counts each step.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from tqdm import tqdm
 
 from .. import runtime
 from ..train import TrainResult, load_run_config, run
-from ..train.metrics import METRICS_FILE
 
 
 def split_threads(threads: int) -> tuple[int, int]:
@@ -32,10 +32,10 @@ def split_threads(threads: int) -> tuple[int, int]:
     return threads - threads // 2, threads // 2
 
 
-def train_preset(preset: Path, overrides: dict) -> TrainResult:
+def train_preset(preset: Path, overrides: dict, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """One `vistune train PRESET key=value ...` run; the same in either process."""
     runtime.training_process()
-    return run(load_run_config(preset, overrides))
+    return run(load_run_config(preset, overrides), on_step=on_step)
 
 
 def _start_worker(threads: int, counter=None) -> None:
@@ -47,13 +47,17 @@ def _start_worker(threads: int, counter=None) -> None:
 _STEPS = None  # the child's shared step counter (a multiprocessing Value), set by _start_worker
 
 
-def _count_step(step: int, loss: float) -> None:
+def _count_step(*_) -> None:
     with _STEPS.get_lock():
         _STEPS.value += 1
 
 
 def _call_counting(fn: Callable, args: tuple) -> object:
     return fn(*args, progress=_count_step)
+
+
+def _train_counting(preset: Path, overrides: dict) -> TrainResult:
+    return train_preset(preset, overrides, on_step=_count_step)
 
 
 class _Beside:
@@ -65,9 +69,10 @@ class _Beside:
     starts one must guard its own top level with ``if __name__ == "__main__"``.
     """
 
-    def __init__(self, threads: int, desc: str, total_steps: int, counter=None):
+    def __init__(self, threads: int, desc: str, total_steps: int):
         ctx = multiprocessing.get_context("spawn")
-        self._pool = ctx.Pool(1, initializer=_start_worker, initargs=(threads, counter))
+        self._counter = ctx.Value("i", 0)
+        self._pool = ctx.Pool(1, initializer=_start_worker, initargs=(threads, self._counter))
         self._async = None
         self._done = False
         self._bar = tqdm(total=total_steps, desc=desc, unit="step", position=1, leave=False, dynamic_ncols=True)
@@ -77,13 +82,10 @@ class _Beside:
         self._async = self._pool.apply_async(fn, args)
         self._watch.start()
 
-    def _steps_done(self) -> int:
-        raise NotImplementedError
-
     def _follow(self) -> None:
         seen = 0
         while not self._done and not self._async.ready():
-            done = self._steps_done()
+            done = self._counter.value
             if done > seen:
                 self._bar.update(done - seen)
                 seen = done
@@ -109,21 +111,12 @@ class _Beside:
 
 class SideRun(_Beside):
     """``train_preset(preset, overrides)`` beside the main line, with ``threads`` threads; `result()`
-    returns its TrainResult. Its bar follows the run's own metrics.jsonl."""
+    returns its TrainResult. Its bar counts the steps the run reports through ``on_step``."""
 
     def __init__(self, preset: Path, overrides: dict, threads: int, desc: str, total_steps: int):
         super().__init__(threads, desc, total_steps)
         # The child draws no bar of its own: two processes redrawing one terminal line garble it.
-        overrides = {**overrides, "train.progress": False}
-        self._metrics = Path(overrides["output_dir"]) / METRICS_FILE
-        self._start(train_preset, (preset, overrides))
-
-    def _steps_done(self) -> int:
-        try:
-            with open(self._metrics, "rb") as f:
-                return f.read().count(b"\n")
-        except FileNotFoundError:
-            return 0
+        self._start(_train_counting, (preset, {**overrides, "train.progress": False}))
 
     def result(self) -> TrainResult:
         return super().result()
@@ -135,10 +128,5 @@ class SideCall(_Beside):
     and must be importable by name (a spawned child looks it up)."""
 
     def __init__(self, fn: Callable, args: tuple, threads: int, desc: str, total_steps: int):
-        counter = multiprocessing.get_context("spawn").Value("i", 0)
-        super().__init__(threads, desc, total_steps, counter)
-        self._counter = counter
+        super().__init__(threads, desc, total_steps)
         self._start(_call_counting, (fn, args))
-
-    def _steps_done(self) -> int:
-        return self._counter.value

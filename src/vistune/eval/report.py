@@ -84,6 +84,46 @@ def bar_chart(
     return Path(path)
 
 
+def comparison_chart(
+    path: str | os.PathLike,
+    series: dict[str, dict[str, float]],
+    *,
+    ylabel: str,
+    title: str = "",
+    scale: float = 1.0,
+    ymax: float | None = 1.0,
+    colors: dict[str, str] | None = None,
+) -> Path:
+    """Several models (or baselines) side by side: one group of bars per category, one bar per
+    entry of `series` (label -> category -> value, drawn as ``value * scale``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = sorted({c for values in series.values() for c in values})
+    if not cats:
+        raise ValueError("nothing to chart")
+    fig, ax = plt.subplots(figsize=(1.3 * len(cats) + 3, 3.8), dpi=110)
+    w = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([k + i * w for k in range(len(cats))], [values.get(c, 0) * scale for c in cats], w, label=label,
+               color=(colors or {}).get(label))
+    ax.set_xticks([k + 0.4 - w / 2 for k in range(len(cats))], cats)
+    if ymax is not None:
+        ax.set_ylim(0, ymax)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_report(
     out_dir: str | os.PathLike,
     metrics: dict,
@@ -132,4 +172,4 @@ def _fmt(v: object, key: str) -> str:
     return str(v)
 
 
-FRACTION_KEYS = {"accuracy", "precision", "recall", "f1", "yes_ratio", "exact_match"}
+FRACTION_KEYS = {"accuracy", "precision", "recall", "f1", "yes_ratio", "exact_match", "prefix_match"}

@@ -1,5 +1,7 @@
 """Short-answer VQA (VQAv2, GQA, TextVQA style): LLaVA-1.5's single-word prompt,
 normalised exact match, and VQAv2 soft accuracy when ten human answers are given.
+Beside them: the share of answers that start with a reference (right, but the model
+did not stop), and the majority-answer baseline per question type.
 
 Question lines are those of `vistune predict` plus ``answers``, a list of one or ten
 references (strings, or VQAv2's ``{"answer": ...}`` objects), and optional
@@ -35,6 +37,13 @@ def references(row: dict) -> list[str]:
     return refs
 
 
+def starts_with_reference(prediction: str, refs: list[str]) -> bool:
+    """The normalised answer begins with a normalised reference's words: right, whether or not the
+    model stopped after it ("Blue no no no" for "blue"; exact match needs both)."""
+    words = normalize_answer(prediction).split()
+    return any(words[: len(r)] == r for r in (normalize_answer(x).split() for x in refs))
+
+
 def score(questions: list[dict], predictions: dict[str, str]) -> tuple[dict, list[dict]]:
     """Accuracy overall, per question type and per answer type. Returns (metrics, rows)."""
     if not predictions:
@@ -51,7 +60,8 @@ def score(questions: list[dict], predictions: dict[str, str]) -> tuple[dict, lis
         acc = vqa_accuracy(predictions[qid], refs)
         norm = normalize_answer(predictions[qid])
         rows.append({"question_id": qid, "answer": normalize_answer(predictions[qid]), "accuracy": acc,
-                     "exact_match": any(norm == normalize_answer(r) for r in refs)})
+                     "exact_match": any(norm == normalize_answer(r) for r in refs),
+                     "prefix_match": starts_with_reference(predictions[qid], refs)})
         for g in groups:
             if q.get(g) is not None:
                 groups[g][str(q[g])].append(acc)
@@ -60,12 +70,26 @@ def score(questions: list[dict], predictions: dict[str, str]) -> tuple[dict, lis
         "task": "vqa",
         "accuracy": sum(r["accuracy"] for r in rows) / n,
         "exact_match": sum(r["exact_match"] for r in rows) / n,
+        "prefix_match": sum(r["prefix_match"] for r in rows) / n,
         "count": n,
         "soft_accuracy_questions": soft,
         "by": {g: {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(cats.items())}
                for g, cats in groups.items() if cats},
     }
     return metrics, rows
+
+
+def majority_baseline(questions: list[dict], group: str = "question_type") -> dict[str, float]:
+    """The accuracy of always giving the most frequent (first, normalised) reference answer of each
+    ``group``: per category, and ``overall``. What a model scores that ignores the image and reads
+    only the kind of question."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for q in questions:
+        counts[str(q.get(group))][normalize_answer(references(q)[0])] += 1
+    out = {k: max(c.values()) / sum(c.values()) for k, c in sorted(counts.items())}
+    total = sum(sum(c.values()) for c in counts.values())
+    out["overall"] = sum(max(c.values()) for c in counts.values()) / max(1, total)
+    return out
 
 
 def evaluate(
@@ -86,6 +110,7 @@ def evaluate(
         "exact match" if metrics["soft_accuracy_questions"] == 0 else "mixed: soft (10 refs) / exact (1 ref)")
     summary = [("accuracy", f"{pct(metrics['accuracy'])}%"), ("scoring", mode),
                ("normalised exact match (any reference)", f"{pct(metrics['exact_match'])}%"),
+               ("answer starts with a reference", f"{pct(metrics['prefix_match'])}%"),
                ("questions", str(metrics["count"]))]
     write_report(out_dir, metrics, title="VQA", summary=summary)
     return metrics

@@ -49,17 +49,20 @@ MIN_STORED_PREFIX = 4
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel | LoadedTextModel, image_cache_size: int = 64, preallocate_cache: bool = True,
-                 stored_turns: int = 8, stored_turn_bytes: int = 1 << 30):
+    def __init__(self, loaded: LoadedModel | LoadedTextModel, image_cache_size: int = 64,
+                 preallocate_cache: bool = True, stored_turns: int = 8, stored_turn_bytes: int = 1 << 30,
+                 template: str | None = None):
         self.loaded = loaded
         self.preallocate_cache = preallocate_cache
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         # A plain causal LM: prompts rendered by its tokenizer's chat template, no images.
         self.text_only = loaded.text_only
-        # Template, image tokens and length, resolved from the model's config as training resolves them.
-        self.text = text_settings_for(self.model.config, self.tokenizer,
-                                      template=loaded.template if self.text_only else None)
+        # Template, image tokens and length, resolved from the model's config as training resolves them;
+        # ``template`` asks in another template than the model's own (a stage-1 model in a chat one, say).
+        if template is None and self.text_only:
+            template = loaded.template
+        self.text = text_settings_for(self.model.config, self.tokenizer, template=template)
         self.template = self.text.template
         self.lm = self.model.language_model
         self.device = self.model.device

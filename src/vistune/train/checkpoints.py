@@ -58,6 +58,12 @@ def clean_partial(output_dir: str | Path) -> None:
     remove_leftovers(Path(output_dir) / CHECKPOINTS)
 
 
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Remove a run's checkpoints once nothing is left to resume (they can be as large as
+    everything else in a run's folder); the model and metrics stay."""
+    shutil.rmtree(Path(output_dir) / CHECKPOINTS, ignore_errors=True)
+
+
 def prune(output_dir: str | Path, keep_last: int) -> None:
     for p in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)

@@ -31,6 +31,10 @@ def load_vision_model(source: str | dict | PretrainedConfig, dtype: torch.dtype 
     if isinstance(source, PretrainedConfig):
         return AutoModel.from_config(_vision_part(source))
     config = AutoConfig.from_pretrained(source)
+    if config.model_type == "blip-2":  # its tower's weights sit under vision_model.*
+        from .blip2 import load_blip2_vision
+
+        return load_blip2_vision(source, dtype)
     vcfg = _vision_part(config)
     cls = AutoModel._model_mapping[type(vcfg)]  # e.g. CLIPVisionModel for a whole CLIP checkpoint
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from ..text.encode import IGNORE_INDEX
 from . import last_layer
 from .config import VLMConfig
+from .connectors import build_connector
 from .projector import build_projector
 from .unwrap import unwrap_peft
 from .vision import VisionTower
@@ -42,8 +43,11 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.language_model = language_model
         text_dim = language_model.get_input_embeddings().embedding_dim
+        # Between tower and projector: a Q-Former or resampler (config.connector), or nothing.
+        self.connector = build_connector(config.connector, vision.hidden_size)
+        width = vision.hidden_size if self.connector is None else self.connector.output_size
         self.projector = projector if projector is not None else build_projector(
-            config.projector_type, vision.hidden_size, text_dim
+            config.projector_type, width, text_dim
         )
         # The loss path's last decoder layer at the supervised rows only; training may swap
         # in a compiled copy (train.compile).
@@ -59,6 +63,9 @@ class VisionLanguageModel(nn.Module):
         return next(self.language_model.parameters()).device
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """Tower features -> visual tokens in the LLM's space (through the connector, if any)."""
+        if self.connector is not None:
+            vision_features = self.connector(vision_features)
         p = next(self.projector.parameters(), None)
         if p is not None:
             vision_features = vision_features.to(dtype=p.dtype, device=p.device)

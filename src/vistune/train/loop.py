@@ -38,8 +38,8 @@ from .precision import mixed_precision
 from .resume import check_settings, run_settings
 from .rundir import BAD_RECORDS_FILE, CONFIG_FILE, CUT_RECORDS_FILE, check_claim, claim, clean_interrupted_writes
 from .sampler import BatchPlan
-from .stages import (MODULES, PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, save_projector,
-                     set_train_mode, trainable_state_dict)
+from .stages import (PROJECTOR_FILE, apply_modes, build_model, compile_decoder, describe, modes_of,
+                     module_of, save_projector, set_train_mode, trainable_state_dict)
 
 log = logging.getLogger("vistune.train")
 
@@ -267,7 +267,7 @@ class Trainer:
             acc.init_trackers("vistune", config=_flat(cfg.to_dict()))
         metrics = MetricsLog(self.out / METRICS_FILE, resume_step=step if resumed_from else None) if main else None
         trainable = [p for p in raw.parameters() if p.requires_grad]
-        maybe_unused = [p for part in ("vision", "projector") for p in _module(raw, part).parameters() if p.requires_grad]
+        maybe_unused = [p for part in ("vision", "projector", "connector") for p in _module(raw, part).parameters() if p.requires_grad]
 
         progress = None
         if main and t.progress:
@@ -368,7 +368,7 @@ class Trainer:
             if lora_base is not None:
                 from .lora import save_adapter_run
 
-                save_adapter_run(raw, tok, model_dir, lora_base, {p: getattr(t, p) for p in MODULES})
+                save_adapter_run(raw, tok, model_dir, lora_base, modes_of(raw, cfg))
             else:
                 save_model(raw, tok, model_dir)
             if t.save_projector and t.projector == "full":
@@ -639,7 +639,7 @@ def _has_accelerator() -> bool:
 
 
 def _module(model, part: str):
-    return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
+    return module_of(model, part)
 
 
 def _say(progress, msg: str) -> None:

@@ -24,9 +24,9 @@ from ..model.checkpoint import load_model
 from ..model.last_layer import last_layer_at_rows
 from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
-from .config import ConfigError, RunConfig, check_paths, module_lr
+from .config import ConfigError, RunConfig, check_paths, module_lr, module_mode
 
-MODULES = ("vision", "projector", "llm")
+MODULES = ("vision", "projector", "connector", "llm")
 PROJECTOR_FILE = "projector.safetensors"
 
 
@@ -44,6 +44,8 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
         model, tok = build_vlm(
             m.vision, m.llm, m.tokenizer,
             projector_type=m.projector or "mlp2x_gelu",
+            connector=m.connector, num_queries=m.num_queries, connector_options=m.connector_options,
+            connector_from=m.connector_from,
             vision_feature_layer=m.vision_feature_layer,
             vision_feature_select=m.vision_feature_select,
             template=data.template or "vicuna_v1",
@@ -127,6 +129,9 @@ def _projector_key(k: str) -> str:
 
 # -- what learns ---------------------------------------------------------------------
 def module_of(model: VisionLanguageModel, part: str) -> nn.Module:
+    """One of MODULES; a model without a connector has an empty one (no parameters)."""
+    if part == "connector":
+        return model.connector if model.connector is not None else nn.Module()
     return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
 
 
@@ -141,7 +146,7 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch
 
     t = cfg.train
     for part in MODULES:
-        mode = getattr(t, part)
+        mode = module_mode(t, part)
         mod = module_of(model, part)
         mod.requires_grad_(mode == "full")
         if mode == "lora":
@@ -214,7 +219,7 @@ def set_train_mode(model: VisionLanguageModel, cfg: RunConfig) -> None:
 
     model.train()
     for part in MODULES:
-        if getattr(cfg.train, part) == "frozen":
+        if module_mode(cfg.train, part) == "frozen":
             mod = module_of(model, part)
             mod.eval()
             if cfg.train.gradient_checkpointing:
@@ -263,11 +268,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def describe(model: VisionLanguageModel, cfg: RunConfig) -> str:
     parts = []
     for part, (tr, tot) in trainable_summary(model).items():
-        parts.append(f"{part}: {getattr(cfg.train, part)} ({tr / 1e6:.2f}M / {tot / 1e6:.2f}M trainable)")
+        if part == "connector" and model.connector is None:
+            continue
+        parts.append(f"{part}: {module_mode(cfg.train, part)} ({tr / 1e6:.2f}M / {tot / 1e6:.2f}M trainable)")
     return "; ".join(parts)
 
 
+def modes_of(model: VisionLanguageModel, cfg: RunConfig) -> dict[str, str]:
+    """{module: mode} of the modules the model has (the connector only where there is one)."""
+    return {p: module_mode(cfg.train, p) for p in MODULES if p != "connector" or model.connector is not None}
+
+
 def run_info(cfg: RunConfig, model: VisionLanguageModel) -> dict:
-    return {"modules": {p: getattr(cfg.train, p) for p in MODULES},
+    return {"modules": modes_of(model, cfg),
             "trainable": {p: list(v) for p, v in trainable_summary(model).items()},
             "projector_type": model.config.projector_type}

@@ -153,3 +153,15 @@ def test_a_connector_model_trains_through_both_stages_and_answers(tiny_data, tmp
     want = encode_conversation(tok, model.config.template, turns, image_token_id=model.image_token_id,
                                num_image_tokens=4, add_generation_prompt=True, check=False).input_ids
     assert out.prompt_tokens == len(want) and out.completion_tokens >= 1
+
+
+def test_exports_refuse_a_connector_model_by_name(tokenizer):
+    from vistune.interop import InteropError
+    from vistune.interop.gguf_mmproj import plan_mmproj
+    from vistune.interop.llava_hf import check_exportable
+
+    model, tok = connector_model(tokenizer, "qformer", n=4)
+    with pytest.raises(InteropError, match="qformer connector, which llava-hf cannot express"):
+        check_exportable(model, tok)
+    with pytest.raises(InteropError, match="qformer connector; llama.cpp"):
+        plan_mmproj(model)

@@ -113,8 +113,10 @@ def test_blip2_weights_that_do_not_fit_are_refused(tokenizer, tmp_path):
 def test_connector_settings_are_checked(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="model.connector must be one of qformer, resampler"):
         tiny_config(tiny_data, tmp_path, {"model.connector": "perceiver"})
-    with pytest.raises(ConfigError, match="train.connector cannot be lora"):
-        tiny_config(tiny_data, tmp_path, {"model.connector": "qformer", "train.connector": "lora"})
+    with pytest.raises(ConfigError, match="train.connector: lora needs a qformer connector"):
+        run(tiny_config(tiny_data, tmp_path / "r", {"model.connector": "resampler", "train.connector": "lora",
+                                                    "model.connector_options": OPTIONS["resampler"],
+                                                    "train.max_steps": 1}))
     with pytest.raises(ConfigError, match="model.num_queries must be >= 1"):
         tiny_config(tiny_data, tmp_path, {"model.connector": "qformer", "model.num_queries": 0})
     with pytest.raises(ValueError, match="not Blip2QFormerConfig keys"):
@@ -165,3 +167,28 @@ def test_exports_refuse_a_connector_model_by_name(tokenizer):
         check_exportable(model, tok)
     with pytest.raises(InteropError, match="qformer connector; llama.cpp"):
         plan_mmproj(model)
+
+
+def test_a_qformer_connector_trains_with_lora_and_loads_merged(tiny_data, tmp_path):
+    from tolerances import assert_reordered
+
+    from vistune.model.adapters import is_adapter_dir
+    from vistune.model.checkpoint import load_adapter_model
+
+    connector = {"model.connector": "qformer", "model.num_queries": 4, "model.connector_options": QFORMER}
+    r = run(tiny_config(tiny_data, tmp_path / "lora", {**connector, "train.max_steps": 2, "train.llm": "frozen",
+                                                        "train.connector": "lora", "lora.r": 4}))
+    assert is_adapter_dir(r.model_dir) and (r.model_dir / "connector_adapter" / "adapter_config.json").exists()
+    assert json.loads((r.model_dir / "config.json").read_text())["adapter"]["modules"]["connector"] == "lora"
+    base, _ = load_model(r.output_dir / "base")
+    merged, _ = load_model(r.model_dir)
+    wrapped, _ = load_adapter_model(r.model_dir)
+    b, m = base.state_dict(), merged.state_dict()
+    assert b.keys() == m.keys()
+    changed = {k for k in b if not torch.equal(b[k], m[k])}
+    assert any(k.startswith("connector.qformer.") for k in changed)  # the adapters, folded in
+    assert not any(k.startswith(("connector.norm", "connector.query_tokens", "language_model.", "vision."))
+                   for k in changed)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_reordered(merged.eval().encode_images(px), wrapped.eval().encode_images(px), terms=64, depth=4)

@@ -410,8 +410,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{part} must be one of {', '.join(MODULE_MODES)}, got {mode!r}")
     if t.projector == "lora":
         raise ConfigError("train.projector cannot be lora (the projector is small: train it fully or freeze it)")
-    if t.connector == "lora":
-        raise ConfigError("train.connector cannot be lora yet: train it fully or freeze it")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.optimizer not in OPTIMIZERS:

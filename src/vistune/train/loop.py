@@ -224,7 +224,7 @@ class Trainer:
         set_seed(t.seed)
         with _whole_models(acc):
             model, tok = build_model(cfg)
-        lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm) else None
+        lora_base = self._lora_base(model, tok) if "lora" in (t.vision, t.llm, t.connector) else None
         apply_modes(model, cfg, compute_dtype=AUTOCAST_DTYPES.get(acc.mixed_precision, torch.float32),
                     device=acc.device)
         restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None

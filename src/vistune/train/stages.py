@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_path
+from ..model.adapters import adapter_host, set_adapter_host
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.last_layer import last_layer_at_rows
@@ -150,11 +151,10 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch
         mod = module_of(model, part)
         mod.requires_grad_(mode == "full")
         if mode == "lora":
-            wrapped = wrap_lora(mod.model if part == "vision" else mod, cfg.lora, part, compute_dtype, device)
-            if part == "vision":
-                model.vision.model = wrapped
-            else:
-                model.language_model = wrapped
+            host = adapter_host(model, part)
+            if host is None:
+                raise ConfigError("train.connector: lora needs a qformer connector (LoRA wraps its Q-Former)")
+            set_adapter_host(model, part, wrap_lora(host, cfg.lora, part, compute_dtype, device))
     if t.gradient_checkpointing:
         for part in ("vision", "llm"):
             if getattr(t, part) == "frozen" and part == "vision":

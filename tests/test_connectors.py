@@ -119,9 +119,14 @@ def test_connector_settings_are_checked(tiny_data, tmp_path):
                                                     "train.max_steps": 1}))
     with pytest.raises(ConfigError, match="model.num_queries must be >= 1"):
         tiny_config(tiny_data, tmp_path, {"model.connector": "qformer", "model.num_queries": 0})
-    with pytest.raises(ValueError, match="not Blip2QFormerConfig keys"):
-        run(tiny_config(tiny_data, tmp_path / "x", {"model.connector": "qformer",
-                                                    "model.connector_options": {"depth": 2}, "train.max_steps": 1}))
+    with pytest.raises(ConfigError, match=r"model.connector_options: connector options \['depth'\] are not "
+                                          "Blip2QFormerConfig keys"):
+        tiny_config(tiny_data, tmp_path, {"model.connector": "qformer", "model.connector_options": {"depth": 2}})
+    with pytest.raises(ConfigError, match="model.connector_options shape a new connector"):
+        tiny_config(tiny_data, tmp_path, {"model.connector_options": {"hidden_size": 8}})
+    with pytest.raises(ConfigError, match=r"\['num_hidden_layers'\] are not resampler keys"):
+        tiny_config(tiny_data, tmp_path, {"model.connector": "resampler",
+                                          "model.connector_options": {"num_hidden_layers": 2}})
 
 
 def state(path, prefix):

@@ -38,6 +38,25 @@ def check_connector(spec: dict) -> None:
         raise ValueError(f"connector num_queries must be an integer >= 1, got {n!r}")
 
 
+RESAMPLER_DEFAULTS = {"depth": 2, "heads": 8, "ff_mult": 4}  # hidden_size: the tower's width
+
+
+def check_options(kind: str, options: dict) -> None:
+    """Unknown option keys of a connector are errors that name them."""
+    if kind == "qformer":
+        from transformers import Blip2QFormerConfig
+
+        known = set(Blip2QFormerConfig().to_dict())
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"connector options {unknown} are not Blip2QFormerConfig keys")
+    elif kind == "resampler":
+        known = {"hidden_size", *RESAMPLER_DEFAULTS}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"connector options {unknown} are not resampler keys ({', '.join(sorted(known))})")
+
+
 def connector_spec(kind: str, num_queries: int, vision_dim: int, options: dict | None = None) -> dict:
     """The full description of a new connector over features of width ``vision_dim``.
 
@@ -46,20 +65,14 @@ def connector_spec(kind: str, num_queries: int, vision_dim: int, options: dict |
     ff_mult. Unknown keys are errors.
     """
     options = dict(options or {})
+    check_options(kind, options)
     if kind == "qformer":
         from transformers import Blip2QFormerConfig
 
-        known = set(Blip2QFormerConfig().to_dict())
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"connector options {unknown} are not Blip2QFormerConfig keys")
         qcfg = Blip2QFormerConfig(**{**options, "encoder_hidden_size": vision_dim})
         spec = {"type": kind, "num_queries": num_queries, "qformer": plain_config(qcfg)}
     elif kind == "resampler":
-        defaults = {"hidden_size": vision_dim, "depth": 2, "heads": 8, "ff_mult": 4}
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise ValueError(f"connector options {unknown} are not resampler keys ({', '.join(defaults)})")
+        defaults = {"hidden_size": vision_dim, **RESAMPLER_DEFAULTS}
         spec = {"type": kind, "num_queries": num_queries, "vision_dim": vision_dim, **defaults, **options}
         if spec["hidden_size"] % spec["heads"]:
             raise ValueError(f"resampler hidden_size {spec['hidden_size']} is not divisible by heads {spec['heads']}")

@@ -370,15 +370,22 @@ def validate(cfg: RunConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"model.projector: {e}") from None
     if m.connector is not None or m.connector_from is not None:
-        from ..model.connectors import CONNECTOR_TYPES
+        from ..model.connectors import CONNECTOR_TYPES, check_options
 
         if m.connector is not None and m.connector not in CONNECTOR_TYPES:
             raise ConfigError(f"model.connector must be one of {', '.join(CONNECTOR_TYPES)}, got {m.connector!r}")
+        try:
+            check_options(m.connector or "qformer", m.connector_options or {})
+        except ValueError as e:
+            raise ConfigError(f"model.connector_options: {e}") from None
         if m.connector_from is not None and m.connector not in (None, "qformer"):
             raise ConfigError(f"model.connector_from (a BLIP-2 directory) gives a qformer, not a {m.connector}")
         if m.from_ is not None:
             raise ConfigError("model.connector / model.connector_from build a new model: the model of "
                               "model.from keeps its own connector")
+    if m.connector_options and (m.connector is None or m.connector_from is not None):
+        raise ConfigError("model.connector_options shape a new connector: set model.connector, and no "
+                          "model.connector_from (a BLIP-2 checkpoint brings its own shape)")
     if m.num_queries < 1:
         raise ConfigError(f"model.num_queries must be >= 1, got {m.num_queries}")
     if data.template is not None:

@@ -123,6 +123,9 @@ def test_curate_failed_rewrites_are_reported_and_retried_on_rerun(curate_setup, 
     assert main(["data", "curate", "--model", str(tmp / "model"), "--images", str(tmp / "nowhere"), "--out",
                  str(tmp / "o2"), "--llm-model", "stub", "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert "--images: folder not found" in capsys.readouterr().err
+    assert main(["data", "curate", "--model", str(tmp / "model"), "--images", str(tmp / "images"), "--out",
+                 str(tmp / "o3"), "--llm-model", "gpt-4o-mini", "--api-key-env", "VISTUNE_NO_SUCH_KEY"]) == 1
+    assert "no API key" in capsys.readouterr().err and not (tmp / "o3").exists()
 
 
 def test_short_descriptions_are_continued_in_the_same_conversation(tokenizer):

@@ -54,7 +54,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from ..infer.describe import describe_images
     from ..infer.engine import Engine
     from ..instruct.curate import FilterRules, read_jsonl, rewrite_descriptions, write_curated
-    from ..instruct.llm import LLMConfig, LLMError
+    from ..instruct.llm import LLMConfig, LLMError, api_key
     from ..model.checkpoint import load
 
     out = Path(args.out)
@@ -64,6 +64,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency, max_attempts=args.max_attempts, backoff_base=args.backoff,
                         timeout=args.timeout,
                         seed=args.seed)
+        api_key(cfg)  # a missing key fails before the model describes anything
         out.mkdir(parents=True, exist_ok=True)
         engine = Engine(load(args.model, device=args.device))
         d = describe_images(engine, images, out / "descriptions.jsonl", root=args.images, batch_size=args.batch_size,

@@ -11,7 +11,7 @@ Held out: the last quarter of the images, never trained on; each is asked its sh
 its kind, answered greedily; an answer is right when it names the true word. Time per step is
 the median of stage 2's optimizer steps (metrics.jsonl), on this machine's CPU.
 
-    python benchmarks/connectors.py            # writes benchmarks/results/connectors.{json,md}
+    python benchmarks/connectors.py            # 20 epochs per stage; writes benchmarks/results/connectors.{json,md}
     python benchmarks/connectors.py --quick    # fewer epochs, writes nothing
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def train(name: str, data: dict, parts: dict, out: Path, epochs: int) -> tuple[P
     return r2.model_dir, [b - a for a, b in zip(times, times[1:])]
 
 
-def held_out_accuracy(model_dir: Path, images: Path, held: list[tuple[str, str, str]]) -> tuple[float, int]:
+def held_out_accuracy(model_dir: Path, images: Path, held: list[tuple[str, str, str]]) -> tuple[float, int, list]:
     from PIL import Image
 
     engine = Engine(load(model_dir))
@@ -91,7 +91,7 @@ def held_out_accuracy(model_dir: Path, images: Path, held: list[tuple[str, str, 
     for i in range(0, len(prompts), 16):
         answers += [c.text.lower() for c in engine.generate(prompts[i:i + 16], GenerationConfig(max_new_tokens=12))]
     right = sum(t in a for t, a in zip(truth, answers))
-    return right / len(truth), engine.model.config.num_image_tokens
+    return right / len(truth), engine.model.config.num_image_tokens, answers[:4]
 
 
 def truth_of(data: dict) -> dict[str, tuple[str, str]]:
@@ -110,7 +110,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--images", type=int, default=144)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
     args = ap.parse_args()
     epochs = 2 if args.quick else args.epochs
     torch.manual_seed(0)
@@ -126,8 +126,8 @@ def main() -> int:
         rows = {}
         for name in SYSTEMS:
             model_dir, steps = train(name, data, parts, tmp / "runs", epochs)
-            acc, tokens = held_out_accuracy(model_dir, Path(data["images"]), held)
-            rows[name] = {"held_out_accuracy": round(acc, 4), "visual_tokens_per_image": tokens,
+            acc, tokens, sample = held_out_accuracy(model_dir, Path(data["images"]), held)
+            rows[name] = {"held_out_accuracy": round(acc, 4), "visual_tokens_per_image": tokens, "sample": sample,
                           "median_step_s": round(statistics.median(steps), 4), "stage2_steps": len(steps) + 1}
             print(name, rows[name], flush=True)
     result = {"benchmark": "connectors", "cpu": cpu_name(), "threads": torch.get_num_threads(),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 from conftest import make_model, noise_image

@@ -18,8 +18,6 @@ A connector is described by a plain dict (``VLMConfig.connector``), saved in the
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 

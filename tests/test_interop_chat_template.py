@@ -100,3 +100,10 @@ def test_bos_left_to_the_processor_for_sentencepiece_llama(tmp_path):
                                   add_generation_prompt=True)
     assert text == render("vicuna_v1", CONVERSATIONS[1], add_generation_prompt=True, eos=sp.eos_token,
                           bos=sp.bos_token).text
+
+
+def test_a_template_that_wraps_images_is_refused_for_llama_cpp(tokenizer):
+    from vistune.interop import InteropError
+
+    with pytest.raises(InteropError, match="template 'minigpt4' writes images as"):
+        jinja_chat_template("minigpt4", tokenizer, llama_cpp=True)

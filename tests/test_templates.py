@@ -1,7 +1,8 @@
 import pytest
 
 from vistune.text.templates import (
-    LLAMA_2_SYSTEM, LLAVA_SYSTEM_HUMAN, LLAVA_SYSTEM_USER, TEMPLATES, TemplateError, get_template, render,
+    LLAMA_2_SYSTEM, LLAVA_SYSTEM_HUMAN, LLAVA_SYSTEM_USER, MINIGPT4_INSTRUCTIONS, MINIGPT4_SYSTEM, TEMPLATES,
+    TemplateError, get_template, render,
 )
 
 TURNS = [
@@ -19,6 +20,7 @@ EXPECTED = {
     "mpt": "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant gives "
            "helpful and honest answers.<|im_end|><|im_start|>user\n<image>\nQ1<|im_end|><|im_start|>assistant\nA1"
            "<|im_end|><|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n",
+    "minigpt4": "###Human: <Img><image></Img> Q1 ###Assistant: A1###Human: Q2 ###Assistant:",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nQ1<|im_end|>\n"
               "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n",
 }
@@ -28,7 +30,7 @@ EXPECTED = {
 def test_reference_strings(name):
     r = render(name, TURNS, add_generation_prompt=True)
     assert r.text == EXPECTED[name]
-    assert r.supervised_texts() == [{"v0": "A1###", "llama_2": "A1 </s>", "mpt": "A1<|im_end|>",
+    assert r.supervised_texts() == [{"v0": "A1###", "minigpt4": "A1###", "llama_2": "A1 </s>", "mpt": "A1<|im_end|>",
                                      "chatml": "A1<|im_end|>"}.get(name, "A1</s>")]
 
 
@@ -76,3 +78,22 @@ def test_custom_template_from_dict():
 
 def test_all_templates_registered():
     assert {"plain", "v0", "vicuna_v1", "llama_2", "chatml"} <= set(TEMPLATES)
+
+
+def test_minigpt4_renders_its_stage2_prompt_and_chat_prompt():
+    # MiniGPT-4's prompts/alignment.txt, each line formatted into '###Human: {} ###Assistant: ' in training
+    pool = ["<Img><ImageHere></Img> Describe this image in detail.",
+            "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
+            "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
+            "<Img><ImageHere></Img> Could you describe the contents of this image for me?"]
+    assert [f"<Img><ImageHere></Img> {i}" for i in MINIGPT4_INSTRUCTIONS] == pool
+    for line in pool:
+        r = render("minigpt4", [{"from": "human", "value": line.replace("<Img><ImageHere></Img> ", "<image>\n")},
+                                {"from": "gpt", "value": "A red circle."}])
+        want = "###Human: {} ###Assistant: ".format(line).replace("<ImageHere>", "<image>") + "A red circle.###"
+        assert r.text == want and r.supervised_texts() == ["A red circle.###"]
+    # with its chat system text, the prompt opens as its demo's does: system + '###Human: '
+    chat = render("minigpt4", [{"from": "human", "value": "<image>what is it?"}], system=MINIGPT4_SYSTEM,
+                  add_generation_prompt=True)
+    assert chat.text == MINIGPT4_SYSTEM + "###Human: <Img><image></Img> what is it? ###Assistant:"
+    assert TEMPLATES["minigpt4"].stop_string() == "###"

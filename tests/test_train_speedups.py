@@ -121,3 +121,12 @@ def test_a_sliding_window_shorter_than_the_batch_is_kept_in_the_training_loss(to
         fast = for_training(model)(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"])
         full = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
     assert_reordered(fast.loss, causal_lm_loss(full.logits, b["labels"])[0], TINY_TERMS, TINY_FORWARD)
+
+
+@pytest.mark.parametrize("connector", ["qformer", "resampler"])
+def test_a_connector_is_shared_too_not_built_afresh(tokenizer, connector):
+    model, _ = build_vlm(tiny_vision_config("clip"), tiny_text_config("llama", vocab_size=len(tokenizer)), tokenizer,
+                         connector=connector, num_queries=4)
+    fast = for_training(model)
+    assert fast.connector is model.connector
+    assert fast.state_dict().keys() == model.state_dict().keys()

@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="data tools: validate, synth, pairs, instruct, stats, scienceqa")
+    p = sub.add_parser("data", help="data tools: validate, synth, pairs, instruct, curate, stats, scienceqa")
     dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     y.set_defaults(func=cmd_synth)
 
     register_instruct(dsub)
+    from .curate import register_curate
+
+    register_curate(dsub)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

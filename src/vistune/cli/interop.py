@@ -16,11 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("src", help="checkpoint directory, or an mm_projector.bin file")
     imp.add_argument("--out", required=True, help="vistune model directory to write")
-    imp.add_argument("--from", dest="source", choices=["llava", "llava-hf"], default=None,
-                     help="assert the source family (default: detect)")
+    imp.add_argument("--from", dest="source", choices=["llava", "llava-hf", "minigpt4"], default=None,
+                     help="assert the source family (default: detect; minigpt4 is never detected: name it, with "
+                          "--blip2 and --base)")
+    imp.add_argument("--blip2", default=None,
+                     help="minigpt4: the BLIP-2 directory (transformers layout) giving the tower and Q-Former")
     imp.add_argument("--vision-tower", default=None,
                      help="local CLIP vision (or whole CLIP) checkpoint dir; original LLaVA does not store it")
-    imp.add_argument("--base", default=None, help="base LLM dir for projector-only and LoRA checkpoints")
+    imp.add_argument("--base", default=None,
+                     help="base LLM dir for projector-only and LoRA checkpoints (minigpt4: the Vicuna directory)")
     imp.add_argument("--template", default=None,
                      help="conversation template (default: vicuna_v1 for LLaVA v1/v1.5, plain for stage-1 "
                           "projectors, the chat template's for llava-hf)")
@@ -55,7 +59,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         imported = import_checkpoint(
             args.src, args.out, source=args.source, vision_tower=args.vision_tower, base=args.base,
-            template=args.template, dtype=getattr(torch, args.dtype) if args.dtype else None,
+            template=args.template, dtype=getattr(torch, args.dtype) if args.dtype else None, blip2=args.blip2,
         )
     except (InteropError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

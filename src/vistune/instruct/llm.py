@@ -274,7 +274,7 @@ def make_client(cfg: LLMConfig):
     return AsyncOpenAI(api_key=api_key(cfg), base_url=cfg.base_url, max_retries=0, timeout=cfg.timeout)
 
 
-class _Runner:
+class Runner:
     def __init__(self, client, cfg: LLMConfig, out: OutputLog, summary: RunSummary,
                  sleep: Callable[[float], Awaitable[None]]):
         self.client, self.cfg, self.out, self.summary, self.sleep = client, cfg, out, summary, sleep
@@ -356,7 +356,7 @@ async def _run(jobs: list[tuple[ImageAnnotation, str]], cfg: LLMConfig, out: Out
     # The client lives inside this event loop: its connection pool belongs to it.
     async with make_client(cfg) as client:
         with tqdm(total=len(jobs), desc="instruct", unit="req", disable=not progress) as bar:
-            runner = _Runner(client, cfg, out, summary, sleep)
+            runner = Runner(client, cfg, out, summary, sleep)
 
             async def worker() -> None:
                 while True:

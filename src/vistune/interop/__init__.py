@@ -1,4 +1,4 @@
-"""Checkpoint interop: original LLaVA and llava-hf in, llava-hf and GGUF (llama.cpp) out.
+"""Checkpoint interop: original LLaVA, llava-hf and MiniGPT-4 in, llava-hf and GGUF (llama.cpp) out.
 
     import_checkpoint(src, out, ...)  any supported checkpoint -> a vistune model directory
     export_checkpoint(model, out)     a vistune model directory -> a llava-hf directory
@@ -26,8 +26,15 @@ __all__ = [
 
 def load_foreign(src: str | os.PathLike, *, source: str | None = None, vision_tower: str | os.PathLike | None = None,
                  base: str | os.PathLike | None = None, template: str | None = None,
-                 dtype: torch.dtype | None = None) -> Imported:
-    """Read a foreign checkpoint into memory as a vistune model (``source``: llava | llava-hf | None)."""
+                 dtype: torch.dtype | None = None, blip2: str | os.PathLike | None = None) -> Imported:
+    """Read a foreign checkpoint into memory as a vistune model (``source``: llava | llava-hf | minigpt4 | None).
+
+    MiniGPT-4 is named, never detected (its .pth is one layer): ``blip2`` and ``base`` give the rest.
+    """
+    if source == "minigpt4":
+        from .minigpt4 import import_minigpt4
+
+        return import_minigpt4(src, blip2=blip2, llm=base, template=template, dtype=dtype)
     fmt = resolve_format(src, source)
     if fmt == VISTUNE:
         raise InteropError(f"{src}: already a vistune model; load it with vistune.load")

@@ -36,6 +36,7 @@ class Settings:
     template: str | dict
     image: ImageConfig
     max_length: int = DEFAULT_MAX_LENGTH
+    connector: dict = field(default_factory=dict)  # a compressing connector's spec (model/connectors.py)
 
 
 @dataclass
@@ -109,6 +110,7 @@ def assemble(
         vision=vision_model.config.to_dict(),
         text=lm.config.to_dict(),
         projector_type=settings.projector_type,
+        connector=settings.connector,
         vision_feature_layer=settings.vision_feature_layer,
         vision_feature_select=settings.vision_feature_select,
         num_image_tokens=0,
@@ -122,5 +124,5 @@ def assemble(
     load_exact(model.projector, projector, f"{source} (projector)")
     if dtype is not None:
         model.to(dtype)
-    cfg.num_image_tokens = tower.num_tokens()
+    cfg.num_image_tokens = settings.connector["num_queries"] if settings.connector else tower.num_tokens()
     return model.eval()

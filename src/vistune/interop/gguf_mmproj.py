@@ -114,6 +114,9 @@ def plan_mmproj(model: VisionLanguageModel) -> MmprojPlan:
         raise InteropError(f"the vision tower is {kind!r} ({type(model.vision.model).__name__}); llama.cpp's "
                            f"LLaVA projector runs {SUPPORTED_TOWERS} only")
     cfg = model.config
+    if cfg.connector:
+        raise InteropError(f"this model has a {cfg.connector['type']} connector; llama.cpp's LLaVA projector "
+                           "has none (keep the vistune format)")
     act = getattr(vcfg, "hidden_act", "")
     if act not in _GELU_ACTS + _QUICK_GELU_ACTS:
         raise InteropError(f"the {tower} tower's MLP activation {act!r} has no llama.cpp equivalent "

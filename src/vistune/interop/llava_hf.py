@@ -285,6 +285,9 @@ def _read_chat_template(src: Path) -> str | None:
 def check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
     """Raise InteropError naming what llava-hf cannot express; returns (strategy, extra tokens)."""
     cfg = model.config
+    if cfg.connector:
+        raise InteropError(f"this model has a {cfg.connector['type']} connector, which llava-hf cannot express; "
+                           "keep the vistune format (vistune's chat, serve and eval load it directly)")
     if cfg.projector_type != "mlp2x_gelu":
         raise InteropError(
             f"llava-hf's projector is Linear-GELU-Linear (mlp2x_gelu); this model's projector "

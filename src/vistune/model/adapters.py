@@ -5,7 +5,8 @@ A LoRA run's ``OUTPUT_DIR/model/`` is an *adapter directory*:
     config.json                         the model's VLMConfig plus an "adapter" entry
                                         (base model directory, module modes, format);
                                         a base inside the run is named relative to here
-    llm_adapter/, vision_adapter/       peft adapters (adapter_config.json + safetensors)
+    llm_adapter/, vision_adapter/,      peft adapters (adapter_config.json + safetensors)
+    connector_adapter/                  (the last on a Q-Former connector's Blip2QFormerModel)
     non_lora_trainables.safetensors     fully trained weights (the projector, ...), under
                                         the model's own names (projector.0.weight, ...)
     tokenizer files, preprocessor_config.json
@@ -25,7 +26,7 @@ from .vlm import VisionLanguageModel
 
 ADAPTER_FORMAT = 1
 NON_LORA_FILE = "non_lora_trainables.safetensors"
-ADAPTER_DIRS = {"llm": "llm_adapter", "vision": "vision_adapter"}
+ADAPTER_DIRS = {"llm": "llm_adapter", "vision": "vision_adapter", "connector": "connector_adapter"}
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -55,10 +56,28 @@ def merged_name(name: str) -> str:
     return name.replace("base_model.model.", "", 1)
 
 
+def adapter_host(model: VisionLanguageModel, part: str):
+    """The Hugging Face model that LoRA wraps for ``part`` (llm, vision, connector), or None."""
+    if part == "llm":
+        return model.language_model
+    if part == "vision":
+        return model.vision.model
+    return getattr(model.connector, "qformer", None)
+
+
+def set_adapter_host(model: VisionLanguageModel, part: str, module) -> None:
+    if part == "llm":
+        model.language_model = module
+    elif part == "vision":
+        model.vision.model = module
+    else:
+        model.connector.qformer = module
+
+
 def merge_adapters(model: VisionLanguageModel) -> VisionLanguageModel:
     """Fold peft adapters into the base weights (in place): a plain model again."""
-    if hasattr(model.language_model, "merge_and_unload"):
-        model.language_model = model.language_model.merge_and_unload()
-    if hasattr(model.vision.model, "merge_and_unload"):
-        model.vision.model = model.vision.model.merge_and_unload()
+    for part in ADAPTER_DIRS:
+        host = adapter_host(model, part)
+        if hasattr(host, "merge_and_unload"):
+            set_adapter_host(model, part, host.merge_and_unload())
     return model

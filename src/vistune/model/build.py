@@ -14,6 +14,8 @@ from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from ..text.templates import get_template
 from ..text.tokenizer import ensure_special_tokens, image_token_id, load_tokenizer
 from .config import VLMConfig
+from .blip2 import blip2_qformer_spec, load_blip2_qformer
+from .connectors import spec_for
 from .vision import VisionTower, load_vision_model
 from .vlm import VisionLanguageModel
 
@@ -77,6 +79,10 @@ def build_vlm(
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
     *,
     projector_type: str = "mlp2x_gelu",
+    connector: str | None = None,
+    num_queries: int = 32,
+    connector_options: dict | None = None,
+    connector_from: str | os.PathLike | None = None,
     vision_feature_layer: int = -2,
     vision_feature_select: str = "patch",
     template: str | dict = DEFAULT_TEMPLATE,
@@ -90,7 +96,10 @@ def build_vlm(
     ``vision`` / ``llm`` are local checkpoint directories or HF config dicts (tiny
     models from scratch). The tokenizer defaults to the one in the LLM's directory.
     The embedding matrix grows when `<image>` / `<pad>` are added, new rows
-    initialised at the mean of the old ones.
+    initialised at the mean of the old ones. ``connector`` (qformer, resampler) puts a
+    compressing connector of ``num_queries`` queries before the projector, fresh or
+    (``connector_from``) the Q-Former of a BLIP-2 directory; each image is then
+    ``num_queries`` tokens.
     """
     get_template(template)  # fail early on an unknown template
     if tokenizer is None:
@@ -106,6 +115,10 @@ def build_vlm(
     pp = _preprocessor(vision)
     size = image.size if image else _preprocessor_size(pp)
     tower = VisionTower(vision_model, vision_feature_layer, vision_feature_select, image_size=size)
+    if connector_from is not None:
+        spec = blip2_qformer_spec(connector_from, connector)
+    else:
+        spec = spec_for(connector, num_queries, tower.hidden_size, connector_options)
     lm = load_language_model(llm, dtype)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -121,9 +134,10 @@ def build_vlm(
         vision=vision_model.config.to_dict(),
         text=lm.config.to_dict(),
         projector_type=projector_type,
+        connector=spec,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select=vision_feature_select,
-        num_image_tokens=tower.num_tokens(),
+        num_image_tokens=spec["num_queries"] if spec else tower.num_tokens(),
         image_token_id=image_token_id(tokenizer),
         template=template,
         image=image or _image_config(pp, tower.image_size, image_aspect),
@@ -131,6 +145,10 @@ def build_vlm(
         vistune_version=__version__,
     )
     model = VisionLanguageModel(cfg, tower, lm)
+    if connector_from is not None:
+        load_blip2_qformer(model.connector, connector_from)
     if dtype is not None:
         model.projector.to(dtype)
+        if model.connector is not None:
+            model.connector.to(dtype)
     return model, tokenizer

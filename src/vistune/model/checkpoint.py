@@ -30,8 +30,8 @@ from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
 from ..text.templates import Template, get_template
 from ..text.tokenizer import load_tokenizer
-from .adapters import (ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, find_adapter_dir, is_adapter_dir, merge_adapters,
-                       merged_name)
+from .adapters import (ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, adapter_host, find_adapter_dir, is_adapter_dir,
+                       merge_adapters, merged_name, set_adapter_host)
 from .build import text_config_from_dict
 from .causal_lm import LoadedTextModel, is_causal_lm_dir, load_causal_lm, looks_like_llava
 from .config import CONFIG_NAME, VLMConfig
@@ -168,10 +168,7 @@ def load_adapter_model(run: str | os.PathLike) -> tuple[VisionLanguageModel, Pre
     model.config.max_length = own.max_length
     for part, sub in ADAPTER_DIRS.items():
         if (path / sub).exists():
-            if part == "llm":
-                model.language_model = PeftModel.from_pretrained(model.language_model, str(path / sub))
-            else:
-                model.vision.model = PeftModel.from_pretrained(model.vision.model, str(path / sub))
+            set_adapter_host(model, part, PeftModel.from_pretrained(adapter_host(model, part), str(path / sub)))
     state = load_file(str(path / NON_LORA_FILE))
     targets = {merged_name(n): p for n, p in model.named_parameters()}
     unknown = [k for k in state if k not in targets]

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..data.images import ImageConfig
 from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from .connectors import check_connector
 
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
@@ -30,6 +31,9 @@ class VLMConfig:
     vision: dict
     text: dict
     projector_type: str = "mlp2x_gelu"
+    # A compressing connector between tower and projector ({"type": "qformer", "num_queries": 32, ...},
+    # see model/connectors.py); empty: none, the projector reads every patch feature.
+    connector: dict = field(default_factory=dict)
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"  # patch: drop CLS; cls_patch: keep it
     num_image_tokens: int = 0
@@ -42,6 +46,7 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         check_projector_type(self.projector_type)
+        check_connector(self.connector or {})
         if self.vision_feature_select not in ("patch", "cls_patch"):
             raise ValueError(
                 f"vision_feature_select must be 'patch' or 'cls_patch', got {self.vision_feature_select!r}"

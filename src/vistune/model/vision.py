@@ -26,10 +26,15 @@ def load_vision_model(source: str | dict | PretrainedConfig, dtype: torch.dtype 
         return AutoModel.from_config(vision_config_from_dict(source))
     if isinstance(source, PretrainedConfig):
         return AutoModel.from_config(_vision_part(source))
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type == "blip-2":  # its tower's weights sit under vision_model.*
+        from .blip2 import load_blip2_vision
+
+        return load_blip2_vision(source, dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     # The vision half's config picks its class (CLIPVisionModel for a whole CLIP checkpoint),
     # which reads its own weights from the checkpoint.
-    return AutoModel.from_pretrained(source, config=_vision_part(AutoConfig.from_pretrained(source)), **kwargs)
+    return AutoModel.from_pretrained(source, config=_vision_part(config), **kwargs)
 
 
 class VisionTower(nn.Module):

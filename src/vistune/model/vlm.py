@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from ..text.encode import IGNORE_INDEX
 from .config import VLMConfig
+from .connectors import build_connector
 from .projector import build_projector
 from .unwrap import unwrap_peft
 from .vision import VisionTower
@@ -38,14 +39,17 @@ class VisionLanguageModel(nn.Module):
     (training runs an equivalent with less work: vistune.train.speedups)."""
 
     def __init__(self, config: VLMConfig, vision: VisionTower, language_model: PreTrainedModel,
-                 projector: nn.Module | None = None):
+                 projector: nn.Module | None = None, connector: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.vision = vision
         self.language_model = language_model
         text_dim = language_model.get_input_embeddings().embedding_dim
+        # Between tower and projector: a Q-Former or resampler (config.connector), or nothing.
+        self.connector = connector if connector is not None else build_connector(config.connector, vision.hidden_size)
+        width = vision.hidden_size if self.connector is None else self.connector.output_size
         self.projector = projector if projector is not None else build_projector(
-            config.projector_type, vision.hidden_size, text_dim
+            config.projector_type, width, text_dim
         )
 
     # -- pieces ---------------------------------------------------------------
@@ -58,6 +62,9 @@ class VisionLanguageModel(nn.Module):
         return next(self.language_model.parameters()).device
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """Tower features -> visual tokens in the LLM's space (through the connector, if any)."""
+        if self.connector is not None:
+            vision_features = self.connector(vision_features)
         p = next(self.projector.parameters(), None)
         if p is not None:
             vision_features = vision_features.to(dtype=p.dtype, device=p.device)

@@ -11,6 +11,7 @@ special tokens, so `vicuna_v1` stops on `</s>` with a Llama tokenizer and on
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -23,6 +24,18 @@ LLAVA_SYSTEM_HUMAN = (
 LLAVA_SYSTEM_USER = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# MiniGPT-4's stage-2 instructions (its prompts/alignment.txt), one drawn per record.
+MINIGPT4_INSTRUCTIONS = (
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+)
+# MiniGPT-4's chat system text (training used none).
+MINIGPT4_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. "
+    "You will be able to see the image once I provide it to you. Please answer my questions."
 )
 LLAMA_2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the "
@@ -61,6 +74,9 @@ class Template:
     # plain (stage 1): the instruction text is dropped, only the image placeholders stay.
     user_images_only: bool = False
     single_turn: bool = False
+    # How a user turn writes each image (``{image}``: the placeholder, with a newline after it
+    # taken in); empty: as the record has it.
+    image_format: str = ""
 
     def stop_string(self, eos: str = "</s>", bos: str = "<s>") -> str:
         return _fill(self.stop, eos, bos)
@@ -126,6 +142,18 @@ TEMPLATES: dict[str, Template] = {
             user_suffix=" [/INST]",
             reply_lead=" ",
             stop=" {eos}",
+        ),
+        # MiniGPT-4 stage 2: '###Human: <Img><ImageHere></Img> {instruction} ###Assistant: {answer}###';
+        # '###' ends each reply and is the stop, later turns open with 'Human: ' as in its chat.
+        Template(
+            name="minigpt4",
+            first_user_prefix="###Human: ",
+            user_prefix="Human: ",
+            user_suffix=" ",
+            assistant_prefix="###Assistant:",
+            reply_lead=" ",
+            stop="###",
+            image_format="<Img>{image}</Img> ",
         ),
         # Standard ChatML, as Qwen2 and most recent LLMs were trained on it.
         Template(
@@ -235,6 +263,9 @@ def render(
             text = value
             if t.user_images_only:
                 text = IMAGE_PLACEHOLDER * value.count(IMAGE_PLACEHOLDER)
+            elif t.image_format:
+                wrapped = t.image_format.replace("{image}", IMAGE_PLACEHOLDER)
+                text = re.sub(re.escape(IMAGE_PLACEHOLDER) + r"\n?", lambda _: wrapped, text).rstrip(" ")
             if i == 0 and t.system_in_first_user:
                 text = system_block + text
             emit(_fill(prefix, eos, bos))

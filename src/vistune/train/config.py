@@ -47,6 +47,11 @@ class ModelSpec:
     tokenizer: str | None = None
     projector: str | None = None  # projector type (linear, mlp2x_gelu, ...); default mlp2x_gelu
     projector_from: str | None = None  # projector-only safetensors written by a stage-1 run
+    # A compressing connector before the projector (qformer | resampler): each image is num_queries tokens.
+    connector: str | None = None
+    num_queries: int = 32
+    connector_options: dict | None = None  # Blip2QFormerConfig keys, or the resampler's (hidden_size, depth, heads)
+    connector_from: str | None = None  # a BLIP-2 checkpoint directory: its Q-Former, queries and ln_vision
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"
     image_aspect: str = "pad"
@@ -76,11 +81,13 @@ class TrainConfig:
     vision: str = "frozen"
     projector: str = "full"
     llm: str = "full"
+    connector: str | None = None  # the connector's mode (models with one); default: as train.projector
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     lr: float = 2e-5
     vision_lr: float | None = None  # per-module learning rates; default train.lr
     projector_lr: float | None = None
+    connector_lr: float | None = None
     llm_lr: float | None = None
     batch_size: int = 8  # per process; global batch = batch_size x grad_accum x processes
     grad_accum: int = 1
@@ -362,6 +369,25 @@ def validate(cfg: RunConfig) -> None:
             check_projector_type(m.projector)
         except ValueError as e:
             raise ConfigError(f"model.projector: {e}") from None
+    if m.connector is not None or m.connector_from is not None:
+        from ..model.connectors import CONNECTOR_TYPES, check_options
+
+        if m.connector is not None and m.connector not in CONNECTOR_TYPES:
+            raise ConfigError(f"model.connector must be one of {', '.join(CONNECTOR_TYPES)}, got {m.connector!r}")
+        try:
+            check_options(m.connector or "qformer", m.connector_options or {})
+        except ValueError as e:
+            raise ConfigError(f"model.connector_options: {e}") from None
+        if m.connector_from is not None and m.connector not in (None, "qformer"):
+            raise ConfigError(f"model.connector_from (a BLIP-2 directory) gives a qformer, not a {m.connector}")
+        if m.from_ is not None:
+            raise ConfigError("model.connector / model.connector_from build a new model: the model of "
+                              "model.from keeps its own connector")
+    if m.connector_options and (m.connector is None or m.connector_from is not None):
+        raise ConfigError("model.connector_options shape a new connector: set model.connector, and no "
+                          "model.connector_from (a BLIP-2 checkpoint brings its own shape)")
+    if m.num_queries < 1:
+        raise ConfigError(f"model.num_queries must be >= 1, got {m.num_queries}")
     if data.template is not None:
         from ..text.templates import get_template
 
@@ -383,8 +409,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_grad_norm must be >= 0 (0 or null: no clipping), got {t.max_grad_norm}")
     if m.vision_feature_select not in ("patch", "cls_patch"):
         raise ConfigError(f"model.vision_feature_select must be patch or cls_patch, got {m.vision_feature_select!r}")
-    for part in ("vision", "projector", "llm"):
+    for part in ("vision", "projector", "connector", "llm"):
         mode = getattr(t, part)
+        if part == "connector" and mode is None:
+            continue
         if mode not in MODULE_MODES:
             raise ConfigError(f"train.{part} must be one of {', '.join(MODULE_MODES)}, got {mode!r}")
     if t.projector == "lora":
@@ -420,7 +448,7 @@ def validate(cfg: RunConfig) -> None:
     for r in t.report_to:
         if r not in ("tensorboard", "wandb"):
             raise ConfigError(f"train.report_to: unknown tracker {r!r} (tensorboard, wandb)")
-    if not any(getattr(t, p) != "frozen" for p in ("vision", "projector", "llm")):
+    if not any(getattr(t, p) not in ("frozen", None) for p in ("vision", "projector", "connector", "llm")):
         raise ConfigError("train.vision, train.projector and train.llm are all frozen: nothing would learn")
     if lora.bits not in (4, 8, 16):
         raise ConfigError(f"lora.bits must be 4, 8 or 16, got {lora.bits}")
@@ -455,6 +483,12 @@ def check_paths(cfg: RunConfig, data: bool = True) -> None:
             raise ConfigError(f"{key}: {value} is a file, not a folder")
         if kind == "file" and p.is_dir():
             raise ConfigError(f"{key}: {value} is a folder, not a file")
+
+
+def module_mode(t: TrainConfig, part: str) -> str:
+    """frozen | full | lora of vision, projector, connector or llm (the connector follows the projector unless set)."""
+    mode = getattr(t, part)
+    return t.projector if mode is None else mode
 
 
 def module_lr(t: TrainConfig, part: str) -> float:

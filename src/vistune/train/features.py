@@ -103,6 +103,8 @@ def storage_dtype(model: VisionLanguageModel, mixed_precision: str) -> torch.dty
     computed (None).
     """
     low = AUTOCAST_DTYPES.get(mixed_precision)
+    if getattr(model, "connector", None) is not None:
+        return None  # a connector reads them first, its LayerNorm in fp32: kept as computed
     proj = model.projector
     first = proj[0] if isinstance(proj, torch.nn.Sequential) and len(proj) else proj
     if low is None or not isinstance(first, torch.nn.Linear):

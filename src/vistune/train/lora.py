@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_directory, write_json
-from ..model.adapters import ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, merge_adapters, merged_name
+from ..model.adapters import ADAPTER_DIRS, ADAPTER_FORMAT, NON_LORA_FILE, adapter_host, merge_adapters, merged_name
 from ..model.checkpoint import CONFIG_NAME, image_processor_dict, load_adapter_model, save_model
 from ..model.vlm import VisionLanguageModel
 from .config import ConfigError, LoraSpec
@@ -80,7 +80,7 @@ def quantize_for_qlora(module: nn.Module, bits: int, part: str, compute_dtype: t
 
 
 def has_lora(model: VisionLanguageModel) -> bool:
-    return hasattr(model.language_model, "peft_config") or hasattr(model.vision.model, "peft_config")
+    return any(hasattr(adapter_host(model, part), "peft_config") for part in ADAPTER_DIRS)
 
 
 # -- the adapter directory ---------------------------------------------------------
@@ -98,7 +98,7 @@ def save_adapter_run(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerB
     with atomic_directory(path) as tmp:
         write_json(tmp / CONFIG_NAME, cfg)
         for part, sub in ADAPTER_DIRS.items():
-            peft_model = model.language_model if part == "llm" else model.vision.model
+            peft_model = adapter_host(model, part)
             if hasattr(peft_model, "peft_config"):
                 peft_model.save_pretrained(str(tmp / sub))
         save_file(non_lora_state(model), str(tmp / NON_LORA_FILE), metadata={"format": "pt"})

@@ -14,7 +14,7 @@ from . import checkpoints as ckpt
 from .config import ConfigError, RunConfig
 from .resume import run_settings
 from .setup import RunSetup, whole_models
-from .stages import MODULES, PROJECTOR_FILE, save_projector, trainable_state_dict
+from .stages import PROJECTOR_FILE, modes_of, save_projector, trainable_state_dict
 
 log = logging.getLogger("vistune.train")
 
@@ -106,7 +106,7 @@ def save_trained_model(s: RunSetup, cfg: RunConfig, out: Path) -> tuple[Path, Pa
         if s.lora_base is not None:
             from .lora import save_adapter_run
 
-            save_adapter_run(raw, s.tokenizer, model_dir, s.lora_base, {p: getattr(t, p) for p in MODULES})
+            save_adapter_run(raw, s.tokenizer, model_dir, s.lora_base, modes_of(raw, s.cfg))
         else:
             save_model(raw, s.tokenizer, model_dir)
         if t.save_projector and t.projector == "full":

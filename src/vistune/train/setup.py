@@ -58,7 +58,7 @@ class RunSetup:
 
     def maybe_unused(self) -> list[torch.nn.Parameter]:
         """Trainable parameters that a text-only batch does not touch (the tower and projector)."""
-        return [p for part in ("vision", "projector") for p in module_of(self.raw, part).parameters()
+        return [p for part in ("vision", "projector", "connector") for p in module_of(self.raw, part).parameters()
                 if p.requires_grad]
 
 
@@ -77,7 +77,7 @@ def set_up(cfg: RunConfig, out: Path, resume: str | None, overwrite: bool) -> Ru
     set_seed(t.seed)
     with whole_models(acc):
         model, tok = build_model(cfg)
-    lora_base = _lora_base(acc, cfg, out, model, tok) if "lora" in (t.vision, t.llm) else None
+    lora_base = _lora_base(acc, cfg, out, model, tok) if "lora" in (t.vision, t.llm, t.connector) else None
     apply_modes(model, cfg, compute_dtype=AUTOCAST_DTYPES.get(acc.mixed_precision, torch.float32), device=acc.device)
     # speed-ups that keep the maths: switched on here, and nowhere else
     restore_attn = use_packed_attention(model.language_model) if cfg.data.packing else None

@@ -27,7 +27,7 @@ _CAUSAL_ONLY_ATTENTION = ("eager", "sdpa")
 
 def for_training(model: VisionLanguageModel) -> VisionLanguageModel:
     """The same model (its config, modules and parameters, shared) with the speed-ups' training forward."""
-    return TrainingVLM(model.config, model.vision, model.language_model, model.projector)
+    return TrainingVLM(model.config, model.vision, model.language_model, model.projector, model.connector)
 
 
 def right_padded(attention_mask: torch.Tensor | None) -> bool:

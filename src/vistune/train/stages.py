@@ -19,14 +19,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_path
+from ..model.adapters import adapter_host, set_adapter_host
 from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
 from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
-from .config import ConfigError, RunConfig, check_paths, module_lr
+from .config import ConfigError, RunConfig, check_paths, module_lr, module_mode
 
-MODULES = ("vision", "projector", "llm")
+MODULES = ("vision", "projector", "connector", "llm")
 PROJECTOR_FILE = "projector.safetensors"
 
 
@@ -44,6 +45,8 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
         model, tok = build_vlm(
             m.vision, m.llm, m.tokenizer,
             projector_type=m.projector or "mlp2x_gelu",
+            connector=m.connector, num_queries=m.num_queries, connector_options=m.connector_options,
+            connector_from=m.connector_from,
             vision_feature_layer=m.vision_feature_layer,
             vision_feature_select=m.vision_feature_select,
             template=data.template or DEFAULT_TEMPLATE,
@@ -127,6 +130,9 @@ def _projector_key(k: str) -> str:
 
 # -- what learns ---------------------------------------------------------------------
 def module_of(model: VisionLanguageModel, part: str) -> nn.Module:
+    """One of MODULES; a model without a connector has an empty one (no parameters)."""
+    if part == "connector":
+        return model.connector if model.connector is not None else nn.Module()
     return {"vision": model.vision, "projector": model.projector, "llm": model.language_model}[part]
 
 
@@ -141,15 +147,14 @@ def apply_modes(model: VisionLanguageModel, cfg: RunConfig, compute_dtype: torch
 
     t = cfg.train
     for part in MODULES:
-        mode = getattr(t, part)
+        mode = module_mode(t, part)
         mod = module_of(model, part)
         mod.requires_grad_(mode == "full")
         if mode == "lora":
-            wrapped = wrap_lora(mod.model if part == "vision" else mod, cfg.lora, part, compute_dtype, device)
-            if part == "vision":
-                model.vision.model = wrapped
-            else:
-                model.language_model = wrapped
+            host = adapter_host(model, part)
+            if host is None:
+                raise ConfigError("train.connector: lora needs a qformer connector (LoRA wraps its Q-Former)")
+            set_adapter_host(model, part, wrap_lora(host, cfg.lora, part, compute_dtype, device))
     if t.gradient_checkpointing:
         for part in ("vision", "llm"):
             if getattr(t, part) == "frozen" and part == "vision":
@@ -213,7 +218,7 @@ def set_train_mode(model: VisionLanguageModel, cfg: RunConfig) -> None:
 
     model.train()
     for part in MODULES:
-        if getattr(cfg.train, part) == "frozen":
+        if module_mode(cfg.train, part) == "frozen":
             mod = module_of(model, part)
             mod.eval()
             if cfg.train.gradient_checkpointing:
@@ -262,11 +267,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def describe(model: VisionLanguageModel, cfg: RunConfig) -> str:
     parts = []
     for part, (tr, tot) in trainable_summary(model).items():
-        parts.append(f"{part}: {getattr(cfg.train, part)} ({tr / 1e6:.2f}M / {tot / 1e6:.2f}M trainable)")
+        if part == "connector" and model.connector is None:
+            continue
+        parts.append(f"{part}: {module_mode(cfg.train, part)} ({tr / 1e6:.2f}M / {tot / 1e6:.2f}M trainable)")
     return "; ".join(parts)
 
 
+def modes_of(model: VisionLanguageModel, cfg: RunConfig) -> dict[str, str]:
+    """{module: mode} of the modules the model has (the connector only where there is one)."""
+    return {p: module_mode(cfg.train, p) for p in MODULES if p != "connector" or model.connector is not None}
+
+
 def run_info(cfg: RunConfig, model: VisionLanguageModel) -> dict:
-    return {"modules": {p: getattr(cfg.train, p) for p in MODULES},
+    return {"modules": modes_of(model, cfg),
             "trainable": {p: list(v) for p, v in trainable_summary(model).items()},
             "projector_type": model.config.projector_type}

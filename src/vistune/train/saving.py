@@ -106,7 +106,7 @@ def save_trained_model(s: RunSetup, cfg: RunConfig, out: Path) -> tuple[Path, Pa
         if s.lora_base is not None:
             from .lora import save_adapter_run
 
-            save_adapter_run(raw, s.tokenizer, model_dir, s.lora_base, modes_of(raw, s.cfg))
+            save_adapter_run(raw, s.tokenizer, model_dir, s.lora_base, modes_of(raw, cfg))
         else:
             save_model(raw, s.tokenizer, model_dir)
         if t.save_projector and t.projector == "full":

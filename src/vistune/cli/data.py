@@ -55,7 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     n, problems = validate_file(args.data, args.images, template=args.template, check_images=not args.no_images)
     cuts = []
     if args.model:
-        problems_, cuts = validate_lengths(args.data, _text_settings(args.model, args.template, args.max_length))
+        problems_, cuts = validate_lengths(args.data, _text_settings(args.model, args.template, args.max_length),
+                                           args.images)
         problems += problems_
     for pr in problems:
         print(pr, file=sys.stderr)

@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..text.encode import Encoded, EncodingError, encode_conversation
 from ..text.templates import Template, get_template
-from .images import ImageConfig, ImageError, load_pixels, resolve_image_path
+from .anyres import anyres_token_count, image_size, tile_image
+from .images import ImageConfig, ImageError, load_pixels, open_image, resolve_image_path
 from .records import Record, RecordError, RecordFile
 
 
@@ -35,12 +36,42 @@ class TextSettings:
     num_image_tokens: int
     max_length: int = 2048
     system: str | None = None
+    image: ImageConfig | None = None  # anyres: each image's token count follows from its size
 
-    def encode(self, turns: Sequence[dict], record_id: object) -> Encoded:
-        """One record's conversation as training encodes it (raises EncodingError naming it)."""
+    @property
+    def anyres(self) -> bool:
+        return self.image is not None and self.image.aspect == "anyres"
+
+    def image_tokens(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """Visual tokens of each image, from its (width, height)."""
+        if not self.anyres:
+            return [self.num_image_tokens] * len(sizes)
+        return [anyres_token_count(s, self.image, self.num_image_tokens) for s in sizes]
+
+    def encode(self, turns: Sequence[dict], record_id: object,
+               image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
+        """One record's conversation as training encodes it (raises EncodingError naming it).
+        An anyres model needs each image's (width, height), in placeholder order."""
+        counts: int | list[int] = self.num_image_tokens
+        if self.anyres:
+            if image_sizes is None:
+                raise EncodingError(record_id, "an anyres model's image token counts need the images' sizes")
+            counts = self.image_tokens(image_sizes)
         return encode_conversation(self.tokenizer, self.template, turns, image_token_id=self.image_token_id,
-                                   num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+                                   num_image_tokens=counts, max_length=self.max_length,
                                    record_id=record_id, system=self.system)
+
+    def record_image_sizes(self, images: Sequence[str], image_dir: str | os.PathLike | None,
+                           record_id: object) -> list[tuple[int, int]] | None:
+        """The (width, height) of a record's images when the model is anyres (read from their headers),
+        else None; an unreadable image raises EncodingError naming the record."""
+        if not self.anyres:
+            return None
+        max_pixels = self.image.max_pixels if self.image is not None else None
+        try:
+            return [image_size(resolve_image_path(p, image_dir), max_pixels) for p in images]
+        except ImageError as e:
+            raise EncodingError(record_id, str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,7 @@ class EncodedRecord:
     input_ids: torch.Tensor
     labels: torch.Tensor
     cut: int = 0  # tokens truncation took off its end (max_length)
+    image_sizes: tuple[tuple[int, int], ...] | None = None  # anyres: what the image token counts came from
 
 
 class VLDataset(Dataset):
@@ -98,23 +130,34 @@ class VLDataset(Dataset):
             return self._tokens[i]
         rec = self.record(i)
         try:
-            enc = self.text.encode(rec.conversations, rec.id)
+            sizes = self.text.record_image_sizes(rec.images, self.image_dir, rec.id)
+            enc = self.text.encode(rec.conversations, rec.id, sizes)
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
         out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
-                            torch.tensor(enc.labels, dtype=torch.long), enc.cut)
+                            torch.tensor(enc.labels, dtype=torch.long), enc.cut,
+                            tuple(sizes) if sizes is not None else None)
         if self._tokens is not None:
             self._tokens[i] = out
         return out
 
     def __getitem__(self, i: int) -> dict:
         t = self.tokens(i)
-        pixels = None
+        pixels = sizes = None
         if t.images:
             try:
-                pixels = torch.stack([
-                    load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images
-                ])
+                if self.image_config.aspect == "anyres":
+                    tiles = [tile_image(open_image(resolve_image_path(p, self.image_dir), self.image_config.max_pixels),
+                                        self.image_config) for p in t.images]
+                    pixels = torch.cat([x.pixels for x in tiles])
+                    sizes = torch.tensor([x.size for x in tiles], dtype=torch.long)
+                    if t.image_sizes is not None and tuple(x.size for x in tiles) != t.image_sizes:
+                        raise SampleError(t.id, f"its images decode at {[x.size for x in tiles]}, their headers "
+                                                f"say {list(t.image_sizes)}")
+                else:
+                    pixels = torch.stack([
+                        load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images
+                    ])
             except ImageError as e:
                 raise SampleError(t.id, str(e)) from None
         return {
@@ -124,6 +167,7 @@ class VLDataset(Dataset):
             "labels": t.labels,
             "cut": t.cut,
             "pixel_values": pixels,
+            "image_sizes": sizes,  # anyres: each image's (width, height); its tiles follow from it
             "image_paths": t.images,
         }
 
@@ -166,4 +210,5 @@ def text_settings_for(model_config, tokenizer: PreTrainedTokenizerBase, template
         num_image_tokens=model_config.num_image_tokens,
         max_length=max_length or model_config.max_length,
         system=system,
+        image=model_config.image,
     )

@@ -75,7 +75,8 @@ def supervised_tokens(batch: dict) -> int:
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The keyword arguments of VisionLanguageModel.forward for a collated batch."""
     out = {}
-    for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "vision_features"):
+    for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes",
+                "vision_features"):
         v = batch.get(key)
         if v is not None:
             out[key] = v.to(device, non_blocking=True)

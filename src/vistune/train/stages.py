@@ -48,6 +48,8 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
             vision_feature_select=m.vision_feature_select,
             template=data.template or "vicuna_v1",
             image_aspect=m.image_aspect,
+            image_grid_pinpoints=m.image_grid_pinpoints,
+            max_tiles=m.max_tiles,
             max_length=data.max_length or 2048,
         )
     else:

@@ -96,8 +96,9 @@ def test_tiles_equal_transformers_pixels(tokenizer):
         assert torch.equal(mine.pixels, theirs["pixel_values"][0][: mine.pixels.shape[0]])
 
 
-def test_model_merges_tiles_with_newlines(tokenizer):
-    model, _ = make_model(tokenizer, image_aspect="anyres")
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_model_merges_tiles_with_newlines(tokenizer, vision):
+    model, _ = make_model(tokenizer, vision, image_aspect="anyres")
     cfg = model.config.image
     newline = getattr(model.projector, NEWLINE)
     assert newline.shape == (model.language_model.config.hidden_size,)
@@ -127,3 +128,8 @@ def test_encode_expands_each_image_to_its_count(tokenizer):
     first = ids.index(iid)
     assert ids[first:first + 44] == [iid] * 44 and ids[first + 44] != iid
     assert ids.count(iid) == 96
+
+
+def test_anyres_refuses_a_cls_token_in_the_map(tokenizer):
+    with pytest.raises(ValueError, match="square map of features per tile"):
+        make_model(tokenizer, image_aspect="anyres", vision_feature_select="cls_patch")

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ..text.encode import Encoded, EncodingError, encode_conversation
-from ..text.templates import Template, get_template
+from ..text.templates import IMAGE_PLACEHOLDER, Template, get_template
 from .anyres import anyres_token_count, image_size, tile_image
 from .images import ImageConfig, ImageError, load_pixels, open_image, resolve_image_path
 from .records import Record, RecordError, RecordFile
@@ -37,6 +37,7 @@ class TextSettings:
     max_length: int = 2048
     system: str | None = None
     image: ImageConfig | None = None  # anyres: each image's token count follows from its size
+    max_image_tokens: int | None = None  # a sample's images together, at most (data.max_image_tokens)
 
     @property
     def anyres(self) -> bool:
@@ -57,6 +58,12 @@ class TextSettings:
             if image_sizes is None:
                 raise EncodingError(record_id, "an anyres model's image token counts need the images' sizes")
             counts = self.image_tokens(image_sizes)
+        if self.max_image_tokens is not None:
+            n = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if isinstance(t.get("value"), str))
+            total = sum(counts) if isinstance(counts, list) else n * counts
+            if total > self.max_image_tokens:
+                raise EncodingError(record_id, f"its {n} image(s) take {total} image tokens, over the bound of "
+                                               f"{self.max_image_tokens} per sample (data.max_image_tokens)")
         return encode_conversation(self.tokenizer, self.template, turns, image_token_id=self.image_token_id,
                                    num_image_tokens=counts, max_length=self.max_length,
                                    record_id=record_id, system=self.system)
@@ -201,7 +208,8 @@ class VLDataset(Dataset):
 
 
 def text_settings_for(model_config, tokenizer: PreTrainedTokenizerBase, template: str | Template | None = None,
-                      max_length: int | None = None, system: str | None = None) -> TextSettings:
+                      max_length: int | None = None, system: str | None = None,
+                      max_image_tokens: int | None = None) -> TextSettings:
     """TextSettings from a model's VLMConfig, optionally overriding template / length."""
     return TextSettings(
         tokenizer=tokenizer,
@@ -211,4 +219,5 @@ def text_settings_for(model_config, tokenizer: PreTrainedTokenizerBase, template
         max_length=max_length or model_config.max_length,
         system=system,
         image=model_config.image,
+        max_image_tokens=max_image_tokens,
     )

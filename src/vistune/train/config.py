@@ -61,6 +61,7 @@ class DataConfig:
     template: str | None = None  # default: the model's template (vicuna_v1 for new models)
     system: str | None = None
     max_length: int | None = None  # default: the model's max_length
+    max_image_tokens: int | None = None  # a sample's images together at most (anyres, many images); over it: refused
     num_workers: int = 0
     shuffle: bool = True
     group_by_length: bool = False  # LLaVA's group_by_modality_length
@@ -379,7 +380,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.image_grid_pinpoints and model.max_tiles need model.image_aspect=anyres")
     if m.max_tiles is not None and m.max_tiles < 1:
         raise ConfigError(f"model.max_tiles must be >= 1, got {m.max_tiles}")
-    for key in ("max_length", "pack_length"):
+    for key in ("max_length", "pack_length", "max_image_tokens"):
         v = getattr(data, key)
         if v is not None and v < 1:
             raise ConfigError(f"data.{key} must be >= 1, got {v}")

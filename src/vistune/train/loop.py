@@ -163,7 +163,8 @@ class Trainer:
         d = self.cfg.data
         if not d.train:
             raise ConfigError("data.train (a LLaVA JSON/JSONL file) is required")
-        text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system)
+        text = text_settings_for(model.config, tok, template=d.template, max_length=d.max_length, system=d.system,
+                                 max_image_tokens=d.max_image_tokens)
         if d.feature_cache is not None:
             return cached_dataset(self.cfg, model, text, acc)
         return VLDataset(d.train, text, d.images, model.config.image, cache_tokens=d.cache_tokens)

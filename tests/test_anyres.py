@@ -8,7 +8,7 @@ from transformers import LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution as hf_select
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from vistune.data.anyres import (anyres_token_count, default_pinpoints, grid_shape, parse_pinpoints,
+from vistune.data.anyres import (anyres_max_tokens, anyres_token_count, default_pinpoints, grid_shape, parse_pinpoints,
                                  select_best_resolution, tile_image)
 from vistune.data.images import ImageConfig
 from vistune.model.anyres import NEWLINE
@@ -52,6 +52,7 @@ def test_grid_selection_table():
     assert select_best_resolution((336, 336), pts) == (336, 672)  # the first two tie (all kept, same waste): first
     cfg = ImageConfig(size=336, aspect="anyres", grid_pinpoints=V16)
     assert grid_shape((1000, 300), cfg) == (3, 1)
+    assert anyres_max_tokens(cfg, 576) == 576 + 48 * 49 == anyres_token_count((672, 672), cfg, 576)
 
 
 def test_pinpoints_parse_range_and_bound():
@@ -83,6 +84,7 @@ def test_token_counts_equal_transformers(tokenizer, tile, patch, pinpoints):
     for w, h in SIZES:
         want = proc._get_number_of_features(h, w, tile, tile) - 1  # "default": no CLS
         assert anyres_token_count((w, h), cfg, per_tile) == want, (w, h)
+        assert want <= anyres_max_tokens(cfg, per_tile)
 
 
 def test_tiles_equal_transformers_pixels(tokenizer):

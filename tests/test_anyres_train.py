@@ -63,6 +63,7 @@ def test_anyres_trains_both_stages_and_answers(tiny_data, wide_data, tmp_path):
     iid = model.config.image_token_id
     want = sum(anyres_token_count(s, model.config.image, model.config.num_image_tokens) for s in SIZES[:2])
     assert int((two["input_ids"] == iid).sum()) == want
+    assert ds.modality_lengths()[two["index"]] >= want  # an estimate counts an anyres image's most tokens
     assert two["image_sizes"].tolist() == [list(SIZES[0]), list(SIZES[1])]
     with torch.no_grad():  # the sample's own ids and tiles fit together
         out = model(two["input_ids"][None], pixel_values=two["pixel_values"], image_sizes=two["image_sizes"],

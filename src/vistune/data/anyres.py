@@ -24,7 +24,7 @@ from PIL import Image
 from .grids import default_pinpoints, feature_side, parse_pinpoints, select_best_resolution, unpadded_shape
 from .images import DEFAULT_MAX_PIXELS, RESAMPLE, ImageConfig, ImageError, to_rgb
 
-__all__ = ["Tiles", "anyres_token_count", "default_pinpoints", "feature_side", "grid_shape", "image_size",
+__all__ = ["Tiles", "anyres_max_tokens", "anyres_token_count", "default_pinpoints", "feature_side", "grid_shape", "image_size",
            "parse_pinpoints", "resize_and_pad", "select_best_resolution", "tile_image", "unpadded_shape"]
 
 
@@ -41,6 +41,12 @@ def anyres_token_count(size: tuple[int, int], cfg: ImageConfig, tile_tokens: int
     gc, gr = grid_shape(size, cfg)
     rows, cols = unpadded_shape(size, gr * side, gc * side)
     return tile_tokens + rows * (cols + 1)
+
+
+def anyres_max_tokens(cfg: ImageConfig, tile_tokens: int) -> int:
+    """The most visual tokens any one image can take: its largest grid, nothing unpadded."""
+    side = feature_side(tile_tokens)
+    return max(tile_tokens + (h // cfg.size) * side * ((w // cfg.size) * side + 1) for w, h in cfg.pinpoints)
 
 
 def resize_and_pad(img: Image.Image, target: tuple[int, int], resample: str = "bicubic") -> Image.Image:

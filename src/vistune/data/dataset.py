@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..text.encode import Encoded, EncodingError, encode_conversation
 from ..text.templates import IMAGE_PLACEHOLDER, Template, get_template
-from .anyres import anyres_token_count, image_size, tile_image
+from .anyres import anyres_max_tokens, anyres_token_count, image_size, tile_image
 from .images import ImageConfig, ImageError, load_pixels, open_image, resolve_image_path
 from .records import Record, RecordError, RecordFile
 
@@ -192,8 +192,12 @@ class VLDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """Cheap length estimates (words + image tokens), negative for text-only samples.
 
-        The sign carries the modality, as LLaVA's `group_by_modality_length` expects.
+        The sign carries the modality, as LLaVA's `group_by_modality_length` expects. An anyres
+        image counts its most tokens (no image is opened for an estimate).
         """
+        per_image = self.text.num_image_tokens
+        if self.text.anyres:
+            per_image = anyres_max_tokens(self.text.image, per_image)
         out = []
         for i in range(len(self)):
             try:
@@ -202,7 +206,7 @@ class VLDataset(Dataset):
                 out.append(0)
                 continue
             words = sum(len(t["value"].split()) for t in rec.conversations)
-            n = int(words * 1.3) + len(rec.images) * self.text.num_image_tokens
+            n = int(words * 1.3) + len(rec.images) * per_image
             out.append(n if rec.images else -n)
         return out
 

@@ -115,14 +115,14 @@ def test_validate_with_a_model_names_what_training_would_skip_or_cut(tiny_model,
     out = capsys.readouterr()
     assert "3 records, 1 problem(s), 1 would be cut to max_length" in out.out
     assert "'image-late'" in out.err and "note: record 'cut'" in out.err
-    with pytest.raises(SystemExit, match="--max-length needs --model"):
+    with pytest.raises(SystemExit, match="--max-length and --max-image-tokens need --model"):
         main(["data", "validate", str(data), "--max-length", "10"])
     with pytest.raises(SystemExit, match="not a vistune model directory"):
         main(["data", "validate", str(data), "--model", str(tmp_path / "img")])
 
 
 def test_cache_tokens_encodes_each_record_once_and_keeps_no_bad_one(tiny_model, tmp_path, monkeypatch):
-    import vistune.text.settings as settings_mod  # where TextSettings encodes
+    import vistune.data.settings as settings_mod  # where TextSettings encodes
 
     model, tok = tiny_model
     p = write_data(tmp_path)

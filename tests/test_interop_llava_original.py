@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import corpus, make_model, noise_image
 from interop_helpers import (
+    QUESTION,
     greedy,
     llava_config,
     pixels_for,
@@ -213,10 +214,55 @@ def test_clear_errors(tokenizer, tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "mm_hidden_size": 1024}))
     with pytest.raises(InteropError, match="mm_hidden_size is 1024"):
         load_foreign(src, vision_tower=save_tower(wide, tmp_path / "siglip"))
+    (src / "config.json").write_text(json.dumps({**cfg, "image_aspect_ratio": "anyres_max_9",
+                                                 "mm_patch_merge_type": "spatial_unpad"}))
+    with pytest.raises(InteropError, match="other LLaVA-NeXT variants are not supported"):
+        load_foreign(src, vision_tower=tmp_path)
     (src / "config.json").write_text(json.dumps({**cfg, "image_aspect_ratio": "anyres",
                                                  "mm_patch_merge_type": "spatial_unpad"}))
-    with pytest.raises(InteropError, match="LLaVA-NeXT"):
-        load_foreign(src, vision_tower=tmp_path)
+    with pytest.raises(InteropError, match="without model.image_newline"):
+        load_foreign(src, vision_tower=save_tower(ref, tmp_path / "clip"))
+
+
+def test_llava_v16_full_checkpoint_imports_to_same_anyres_logits(tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    from vistune.data.anyres import tile_image
+    from vistune.interop.llava_hf import export_llava_hf
+
+    ref, tok = make_model(tokenizer, image_aspect="anyres", seed=2)
+    d = tmp_path / "llava-v1.6-tiny"
+    d.mkdir()
+    sd = {k: v.clone() for k, v in ref.language_model.state_dict().items()}
+    sd.update({f"model.mm_projector.{k}": v.clone() for k, v in ref.projector.state_dict().items()
+               if k != "image_newline"})
+    sd["model.image_newline"] = ref.projector.image_newline.detach().clone()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    grids = ref.config.image.grid_pinpoints  # [width, height], as LLaVA-NeXT writes them
+    (d / "config.json").write_text(json.dumps(llava_config(ref, image_aspect_ratio="anyres",
+                                                           mm_patch_merge_type="spatial_unpad",
+                                                           image_grid_pinpoints=grids)))
+    tok.save_pretrained(str(d))
+    imported = load_foreign(d, vision_tower=save_tower(ref, tmp_path / "clip"))
+    model = imported.model
+    assert model.config.image.aspect == "anyres" and model.config.image.grid_pinpoints == grids
+    a, b = ref.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tiles = tile_image(noise_image(3, (70, 30)), model.config.image)
+    sizes = torch.tensor([tiles.size])
+    from vistune.data.anyres import anyres_token_count
+    from vistune.text.encode import encode_conversation
+
+    n = anyres_token_count(tiles.size, model.config.image, model.config.num_image_tokens)
+    ids = torch.tensor([encode_conversation(imported.tokenizer, "vicuna_v1", QUESTION, image_token_id=model.image_token_id,
+                                            num_image_tokens=[n], add_generation_prompt=True).input_ids])
+    with torch.no_grad():
+        got = model(ids, pixel_values=tiles.pixels, image_sizes=sizes).logits
+        want = ref(ids, pixel_values=tiles.pixels, image_sizes=sizes).logits
+    assert_reordered(got, want, TINY_TERMS, TINY_FORWARD)
+    export_llava_hf(model, imported.tokenizer, tmp_path / "hf")  # and on to llava-hf's LLaVA-NeXT
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "LlavaNextForConditionalGeneration"]
 
 
 def test_released_layout_with_sentencepiece_tokenizer_end_to_end(tokenizer, tmp_path):

@@ -70,7 +70,9 @@ def test_inline_model_configs_and_nested_overrides(tmp_path):
     (["train"], r"override 'train' is not key=value"),
     # checked at load, not once the model has loaded (nor accepted by --print-config)
     (["data.template=vicuna"], r"data.template: unknown template 'vicuna'; known templates: .*vicuna_v1"),
-    (["model.image_aspect=square"], r"model.image_aspect must be one of pad, resize, crop, got 'square'"),
+    (["model.image_aspect=square"], r"model.image_aspect must be one of pad, resize, crop, anyres, got 'square'"),
+    (["model.max_tiles=4"], r"model.image_grid_pinpoints and model.max_tiles need model.image_aspect=anyres"),
+    (["model.image_aspect=anyres", "model.max_tiles=0"], r"model.max_tiles must be >= 1, got 0"),
     (["data.max_length=0"], r"data.max_length must be >= 1, got 0"),
     (["lora.dropout=1.5"], r"lora.dropout must be in \[0, 1\)"),
     (["train.max_grad_norm=-1"], r"train.max_grad_norm must be >= 0"),

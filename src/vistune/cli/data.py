@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "image tokens and template) and report the records it would skip or cut to max_length")
     v.add_argument("--max-length", type=int, default=None,
                    help="with --model: the data.max_length to check against (default: the model's)")
+    v.add_argument("--max-image-tokens", type=int, default=None,
+                   help="with --model: the data.max_image_tokens bound to check each sample's images against")
     v.set_defaults(func=cmd_validate)
 
     s = dsub.add_parser("scienceqa", help="ScienceQA problems -> LLaVA records (QCM -> lecture, solution, answer)")
@@ -53,12 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..data.validate import validate_file, validate_lengths
 
-    if args.max_length is not None and not args.model:
-        raise SystemExit("error: --max-length needs --model (the tokenizer and image tokens to count with)")
+    if (args.max_length is not None or args.max_image_tokens is not None) and not args.model:
+        raise SystemExit("error: --max-length and --max-image-tokens need --model (the tokenizer and image tokens "
+                         "to count with)")
     n, problems = validate_file(args.data, args.images, template=args.template, check_images=not args.no_images)
     cuts = []
     if args.model:
-        problems_, cuts = validate_lengths(args.data, _text_settings(args.model, args.template, args.max_length))
+        text = _text_settings(args.model, args.template, args.max_length)
+        text.max_image_tokens = args.max_image_tokens
+        problems_, cuts = validate_lengths(args.data, text, args.images)
         problems += problems_
     for pr in problems:
         print(pr, file=sys.stderr)
@@ -76,7 +81,7 @@ def _text_settings(model_dir: str, template: str | None, max_length: int | None)
     """What training from ``model_dir`` encodes records with, read from its config and
     tokenizer alone (no weights are loaded)."""
     from ..model.checkpoint import read_config
-    from ..text.settings import text_settings_for
+    from ..data.settings import text_settings_for
     from ..text.tokenizer import load_tokenizer
 
     try:

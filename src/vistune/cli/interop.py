@@ -70,7 +70,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"  {note}")
     print(f"imported {imported.kind} -> {args.out}: {n / 1e6:.2f}M parameters, template "
           f"{m.config.template if isinstance(m.config.template, str) else 'custom'}, projector "
-          f"{m.config.projector_type}, {m.config.num_image_tokens} image tokens (id {m.image_token_id}), "
+          f"{m.config.projector_type}, {m.config.num_image_tokens} image tokens"
+          f"{' per tile' if m.config.image.aspect == 'anyres' else ''} (id {m.image_token_id}), "
           f"images {m.config.image.aspect} {m.config.image.size}px")
     return 0
 

@@ -38,10 +38,12 @@ class PadCollator:
             if s.get("labels") is not None:
                 labels[b, sl] = s["labels"]
         pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.cat(pix) if pix else None,
+            "image_sizes": torch.cat(sizes) if sizes else None,  # anyres: each image's (width, height)
             "ids": [s.get("id") for s in samples],
         }

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..text.encode import EncodingError
-from ..text.settings import TextSettings, text_settings_for  # noqa: F401  (text_settings_for: re-exported)
-from .images import ImageConfig, ImageError, load_pixels, resolve_image_path
+from .anyres import anyres_max_tokens, tile_image
+from .images import ImageConfig, ImageError, load_pixels, open_image, resolve_image_path
+from .settings import TextSettings, text_settings_for  # noqa: F401  (text_settings_for: re-exported)
 from .records import Record, RecordError, RecordFile
 
 
@@ -33,6 +34,7 @@ class EncodedRecord:
     input_ids: torch.Tensor
     labels: torch.Tensor
     cut: int = 0  # tokens truncation took off its end (max_length)
+    image_sizes: tuple[tuple[int, int], ...] | None = None  # anyres: what the image token counts came from
 
 
 class VLDataset(Dataset):
@@ -79,23 +81,34 @@ class VLDataset(Dataset):
             return self._tokens[i]
         rec = self.record(i)
         try:
-            enc = self.text.encode(rec.conversations, rec.id)
+            sizes = self.text.record_image_sizes(rec.images, self.image_dir, rec.id)
+            enc = self.text.encode(rec.conversations, rec.id, sizes)
         except EncodingError as e:
             raise SampleError(rec.id, e.reason) from None
         out = EncodedRecord(rec.id, rec.images, torch.tensor(enc.input_ids, dtype=torch.long),
-                            torch.tensor(enc.labels, dtype=torch.long), enc.cut)
+                            torch.tensor(enc.labels, dtype=torch.long), enc.cut,
+                            tuple(sizes) if sizes is not None else None)
         if self._tokens is not None:
             self._tokens[i] = out
         return out
 
     def __getitem__(self, i: int) -> dict:
         t = self.tokens(i)
-        pixels = None
+        pixels = sizes = None
         if t.images:
             try:
-                pixels = torch.stack([
-                    load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images
-                ])
+                if self.image_config.aspect == "anyres":
+                    tiles = [tile_image(open_image(resolve_image_path(p, self.image_dir), self.image_config.max_pixels),
+                                        self.image_config) for p in t.images]
+                    pixels = torch.cat([x.pixels for x in tiles])
+                    sizes = torch.tensor([x.size for x in tiles], dtype=torch.long)
+                    if t.image_sizes is not None and tuple(x.size for x in tiles) != t.image_sizes:
+                        raise SampleError(t.id, f"its images decode at {[x.size for x in tiles]}, their headers "
+                                                f"say {list(t.image_sizes)}")
+                else:
+                    pixels = torch.stack([
+                        load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images
+                    ])
             except ImageError as e:
                 raise SampleError(t.id, str(e)) from None
         return {
@@ -105,6 +118,7 @@ class VLDataset(Dataset):
             "labels": t.labels,
             "cut": t.cut,
             "pixel_values": pixels,
+            "image_sizes": sizes,  # anyres: each image's (width, height); its tiles follow from it
             "image_paths": t.images,
         }
 
@@ -122,8 +136,12 @@ class VLDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """Cheap length estimates (words + image tokens), negative for text-only samples.
 
-        The sign carries the modality, as LLaVA's `group_by_modality_length` expects.
+        The sign carries the modality, as LLaVA's `group_by_modality_length` expects. An anyres
+        image counts its most tokens (no image is opened for an estimate).
         """
+        per_image = self.text.num_image_tokens
+        if self.text.anyres:
+            per_image = anyres_max_tokens(self.text.image, per_image)
         out = []
         for i in range(len(self)):
             try:
@@ -132,7 +150,7 @@ class VLDataset(Dataset):
                 out.append(0)
                 continue
             words = sum(len(t["value"].split()) for t in rec.conversations)
-            n = int(words * 1.3) + len(rec.images) * self.text.num_image_tokens
+            n = int(words * 1.3) + len(rec.images) * per_image
             out.append(n if rec.images else -n)
         return out
 

@@ -16,13 +16,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .grids import default_pinpoints, parse_pinpoints
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A decompression bomb is refused before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+ASPECTS = ("pad", "resize", "crop", "anyres")
 
 
 class ImageError(ValueError):
@@ -32,20 +37,36 @@ class ImageError(ValueError):
 @dataclass
 class ImageConfig:
     size: int = 336
-    # pad: centre on a square of the mean colour (LLaVA-1.5); resize: squash; crop: centre crop.
+    # pad: centre on a square of the mean colour (LLaVA-1.5); resize: squash; crop: centre crop;
+    # anyres: tiles of `size` px on the best of `grid_pinpoints` plus the whole image (LLaVA-NeXT, data/anyres.py).
     aspect: str = "pad"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    grid_pinpoints: list | str | None = None  # anyres: [[width, height], ...] px, or "(1x1),...,(3x3)" tiles
+    max_tiles: int | None = None  # anyres: grids of more tiles than this (base tile not counted) are never chosen
 
     def __post_init__(self) -> None:
-        if self.aspect not in ("pad", "resize", "crop"):
-            raise ValueError(f"image aspect must be pad, resize or crop, got {self.aspect!r}")
-        if self.resample not in _RESAMPLE:
-            raise ValueError(f"unknown resample {self.resample!r}; one of {sorted(_RESAMPLE)}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"image aspect must be one of {', '.join(ASPECTS)}, got {self.aspect!r}")
+        if self.aspect == "anyres":
+            given = self.grid_pinpoints if self.grid_pinpoints is not None else default_pinpoints(self.size)
+            self.grid_pinpoints = [list(p) for p in parse_pinpoints(given, self.size)]
+            if self.max_tiles is not None and not self.pinpoints:
+                raise ValueError(f"image max_tiles {self.max_tiles} leaves none of the grids {self.grid_pinpoints}")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"unknown resample {self.resample!r}; one of {sorted(RESAMPLE)}")
         self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(x) for x in self.std)  # type: ignore[assignment]
+
+    @property
+    def pinpoints(self) -> list[tuple[int, int]]:
+        """The anyres grids (width, height) that may be chosen: those within ``max_tiles``."""
+        grids = [(int(w), int(h)) for w, h in self.grid_pinpoints or []]
+        if self.max_tiles is None:
+            return grids
+        return [(w, h) for w, h in grids if (w // self.size) * (h // self.size) <= self.max_tiles]
 
     @property
     def fill_color(self) -> tuple[int, int, int]:
@@ -60,6 +81,8 @@ class ImageConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.aspect != "anyres":  # other aspects read like they did before anyres existed
+            del d["grid_pinpoints"], d["max_tiles"]
         return d
 
     @classmethod
@@ -119,7 +142,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def fit_square(img: Image.Image, cfg: ImageConfig) -> Image.Image:
     w, h = img.size
-    resample = _RESAMPLE[cfg.resample]
+    resample = RESAMPLE[cfg.resample]
     if cfg.aspect == "pad" and w != h:
         side = max(w, h)
         canvas = Image.new("RGB", (side, side), cfg.pad_color)

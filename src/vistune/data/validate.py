@@ -18,7 +18,7 @@ from .images import ImageError, open_image, resolve_image_path
 from .records import RecordError, RecordFile, parse_record
 
 if TYPE_CHECKING:
-    from ..text.settings import TextSettings
+    from .settings import TextSettings
 
 
 @dataclass
@@ -82,11 +82,13 @@ def validate_file(
     return len(rf), problems
 
 
-def validate_lengths(path: str | os.PathLike, text: TextSettings) -> tuple[list[Problem], list[Problem]]:
+def validate_lengths(path: str | os.PathLike, text: TextSettings,
+                     image_dir: str | os.PathLike | None = None) -> tuple[list[Problem], list[Problem]]:
     """(problems, cuts): the records that training with ``text`` would skip (too long to cut
     without losing the image or every reply, or not encodable), and those it would train on
     cut to ``text.max_length``, each cut naming the tokens lost. Records that do not parse are
-    left to ``validate_file``."""
+    left to ``validate_file``. An anyres model's image token counts come from the images' sizes
+    (their headers, under ``image_dir``)."""
     problems: list[Problem] = []
     cuts: list[Problem] = []
     rf = RecordFile(path)
@@ -97,7 +99,7 @@ def validate_lengths(path: str | os.PathLike, text: TextSettings) -> tuple[list[
         except RecordError:
             continue
         try:
-            enc = text.encode(rec.conversations, rec.id)
+            enc = text.encode(rec.conversations, rec.id, text.record_image_sizes(rec.images, image_dir, rec.id))
         except EncodingError as e:
             problems.append(Problem(rec.where, e.reason))
             continue

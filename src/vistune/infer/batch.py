@@ -175,7 +175,7 @@ class BatchRun:
         width = max(lengths)
         capacity = width + max(r.max_new for r in rows)
         embeds = eng.image_embeds([im for r in rows for im in r.prompt.images])
-        row_embeds = list(embeds.split([len(r.prompt.images) for r in rows])) if embeds is not None else None
+        row_embeds = _per_row(embeds, [len(r.prompt.images) for r in rows])
         for r in rows:
             r.prompt = None
         cache = preallocated_cache(eng.lm.config, capacity) if eng.preallocate_cache else None
@@ -192,7 +192,9 @@ class BatchRun:
         # reply, re-encoded, may differ from the generated tokens from its first token on). One that
         # shares only the system prompt (or an image) with it is another conversation.
         continues = stored if stored is not None and n_stored >= stored.prompt_length > 0 else None
-        self._solo = (prompts[0], row_embeds[0] if row_embeds else None, continues) if len(rows) == 1 else None
+        # a stored turn keeps its images stacked; anyres images differ in length (and are never reused: per_image 0)
+        solo_images = row_embeds[0] if row_embeds and isinstance(row_embeds[0], torch.Tensor) else None
+        self._solo = (prompts[0], solo_images, continues) if len(rows) == 1 else None
         pad = eng.tokenizer.pad_token_id if eng.tokenizer.pad_token_id is not None else 0
         # A row is the shared prefix, its padding, then the rest of its prompt (plain left padding
         # when nothing is shared): the padding sits where the rows start to differ.
@@ -244,16 +246,18 @@ class BatchRun:
         n = n_image_tokens = 0
         while n < limit and all(p[n] == first[n] for p in prompts):
             if first[n] == image:
+                if not per_image:  # image token counts vary (anyres): images are never shared
+                    break
                 k, starts = divmod(n_image_tokens, per_image)
                 if starts == 0 and not all(torch.equal(e[k], row_embeds[0][k]) for e in row_embeds):
                     break
                 n_image_tokens += 1
             n += 1
-        if n_image_tokens:  # a text-only model has none, nor tokens per image
+        if per_image:
             n -= n_image_tokens % per_image  # never split an image
         if n * (len(prompts) - 1) < MIN_SHARED_SAVING:
             return 0, 0
-        return n, n_image_tokens // per_image if n_image_tokens else 0
+        return n, n_image_tokens // per_image if per_image else 0
 
     def _decode(self, tokens: list[int]) -> torch.Tensor | None:
         eng, st = self.engine, self._state
@@ -394,6 +398,19 @@ class BatchRun:
         # The turn it started from is this conversation's earlier state: replaced, not kept beside it.
         eng.turns.add(StoredPrefix(ids, [(layer.keys, layer.values) for layer in st.cache.layers], solo[1],
                                    prompt_length=len(solo[0])), replaces=solo[2])
+
+
+def _per_row(embeds: torch.Tensor | list[torch.Tensor] | None, counts: list[int]) -> list | None:
+    """A batch's image embeddings split by row: stacked (N, T, D) rows, or lists of (T_i, D) (anyres)."""
+    if embeds is None:
+        return None
+    if isinstance(embeds, torch.Tensor):
+        return list(embeds.split(counts))
+    out, at = [], 0
+    for c in counts:
+        out.append(embeds[at:at + c])
+        at += c
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

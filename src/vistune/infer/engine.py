@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from ..model.causal_lm import LoadedTextModel
+from ..data.anyres import Tiles, anyres_token_count
 from ..model.checkpoint import LoadedModel, load
 from ..text.encode import EncodingError
 from ..text.hf_chat import ChatTemplateError, encode_with_chat_template
-from ..text.settings import text_settings_for
+from ..data.settings import text_settings_for
 from ..text.templates import IMAGE_PLACEHOLDER
 from .batch import BatchRun
 from .image_cache import ImageEmbedCache, image_key
@@ -66,7 +67,10 @@ class Engine:
         self.template = self.text.template
         self.lm = self.model.language_model
         self.device = self.model.device
-        self.num_image_tokens = int(self.text.num_image_tokens)
+        self.anyres = self.text.anyres
+        # Tokens per image, 0 where they vary with the image (anyres); every image takes at least the base ones.
+        self.num_image_tokens = 0 if self.anyres else int(self.text.num_image_tokens)
+        self.base_image_tokens = int(self.text.num_image_tokens)
         self.image_token_id = int(self.text.image_token_id)
         tok = self.tokenizer
         self.stop_string = self.template.stop_string(tok.eos_token or "</s>", tok.bos_token or "")
@@ -156,9 +160,11 @@ class Engine:
         if n_images and self.text_only:
             raise ImagesNotSupported(f"{self.name} is a text-only model: it takes no images ({n_images} given); "
                                      "send text only")
-        if n_images * self.num_image_tokens >= self.max_context:
-            raise PromptTooLong(f"{n_images} images take {n_images}x{self.num_image_tokens} = "
-                                f"{n_images * self.num_image_tokens} tokens; the model's context is {self.max_context}")
+        per = self.base_image_tokens
+        if n_images * per >= self.max_context:
+            least = "at least " if self.anyres else ""
+            raise PromptTooLong(f"{n_images} images take {least}{n_images}x{per} = "
+                                f"{n_images * per} tokens; the model's context is {self.max_context}")
         if n_chars > self.max_prompt_chars:
             raise PromptTooLong(f"prompt text is {n_chars} characters, more than the model's context of "
                                 f"{self.max_context} tokens can hold (at most {self.max_prompt_chars} characters)")
@@ -191,34 +197,52 @@ class Engine:
             raise PromptError(f"prompt has {n_slots} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
         try:
             with self._tok_lock:
-                enc = self.text.encode_prompt(turns, system=prompt.system)
+                enc = self.text.encode_prompt(turns, system=prompt.system,
+                                              image_tokens=self.image_token_counts(images))
         except EncodingError as e:
             raise PromptError(e.reason) from None
         if len(enc.input_ids) >= self.max_context:
+            n_image = sum(self.image_token_counts(images))
             raise PromptTooLong(
-                f"prompt is {len(enc.input_ids)} tokens (with {len(images)}x{self.num_image_tokens} image "
-                f"tokens); the model's context is {self.max_context}"
+                f"prompt is {len(enc.input_ids)} tokens (with {n_image} image tokens for {len(images)} "
+                f"image(s)); the model's context is {self.max_context}"
             )
         return EncodedPrompt(enc.input_ids, images)
 
+    def image_token_counts(self, images: Sequence[ImageInput]) -> list[int]:
+        """Visual tokens of each image: fixed, or (anyres) from its size."""
+        if not self.anyres:
+            return [self.num_image_tokens] * len(images)
+        cfg = self.model.config
+        out = []
+        for im in images:
+            if isinstance(im, torch.Tensor):  # projected embeddings (checked in _check_image)
+                out.append(int(im.shape[0]))
+            else:
+                out.append(anyres_token_count(im.size, cfg.image, self.base_image_tokens))
+        return out
+
     def _check_image(self, i: int, im: object) -> None:
-        if isinstance(im, Image.Image):
+        if isinstance(im, Image.Image) or (self.anyres and isinstance(im, Tiles)):
             return
         if isinstance(im, torch.Tensor):
-            if im.dim() == 3:
+            if im.dim() == 3 and not self.anyres:
                 return
-            if im.dim() == 2 and im.shape[0] == self.num_image_tokens:
+            if im.dim() == 2 and (self.anyres or im.shape[0] == self.num_image_tokens):
                 return
         shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+        if self.anyres:
+            raise PromptError(f"image {i}: an anyres model takes a PIL image, its Tiles or embeddings "
+                              f"(tokens, hidden), got {shape}")
         raise PromptError(
             f"image {i}: expected a PIL image, pixels (3, H, W) or embeddings "
             f"({self.num_image_tokens}, hidden), got {shape}"
         )
 
     # -- images ----------------------------------------------------------------
-    def image_embeds(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
-        """(n, num_image_tokens, hidden) projected embeddings; each distinct image encoded once, also
-        within one call (a batch of questions about one picture)."""
+    def image_embeds(self, images: Sequence[ImageInput]) -> torch.Tensor | list[torch.Tensor] | None:
+        """(n, num_image_tokens, hidden) projected embeddings (anyres: a list of (tokens_i, hidden)); each
+        distinct image encoded once, also within one call (a batch of questions about one picture)."""
         if not images:
             return None
         if self.text_only:
@@ -243,13 +267,18 @@ class Engine:
             todo[key].append(i)
         if todo:
             with torch.inference_mode():
-                embeds = self.model.encode_images(torch.stack(pixels).to(self.device))
+                if self.anyres:
+                    embeds = self.model.encode_images(
+                        torch.cat([t.pixels for t in pixels]).to(self.device),
+                        torch.tensor([t.size for t in pixels], dtype=torch.long))
+                else:
+                    embeds = self.model.encode_images(torch.stack(pixels).to(self.device))
             for (key, slots), e in zip(todo.items(), embeds):
                 if caching:
                     self.image_cache.put(key, e)
                 for i in slots:
                     out[i] = e
-        return torch.stack(out)  # type: ignore[arg-type]
+        return out if self.anyres else torch.stack(out)  # type: ignore[arg-type]
 
     # -- generation ------------------------------------------------------------
     def start(self, prompts: Sequence[Prompt | EncodedPrompt],

@@ -14,11 +14,15 @@ from typing import Hashable
 import torch
 from PIL import Image
 
+from ..data.anyres import Tiles
 
-def image_key(image: Image.Image | torch.Tensor) -> Hashable:
-    """Content identity of a PIL image or a pixel tensor."""
+
+def image_key(image: Image.Image | torch.Tensor | Tiles) -> Hashable:
+    """Content identity of a PIL image, a pixel tensor or an anyres image's tiles."""
     h = hashlib.blake2b(digest_size=16)
-    if isinstance(image, Image.Image):
+    if isinstance(image, Tiles):
+        h.update(f"tiles:{image.size}:{image_key(image.pixels)}".encode())
+    elif isinstance(image, Image.Image):
         h.update(f"pil:{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
     else:

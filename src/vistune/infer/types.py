@@ -7,6 +7,7 @@ from typing import Literal, Sequence
 import torch
 from PIL import Image
 
+from ..data.anyres import Tiles
 from .sampling import SamplingParams
 
 # The seeds torch.Generator.manual_seed takes: a seed outside them would fail its batch mid-run.
@@ -56,7 +57,7 @@ class GenerationConfig:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
 
 
-ImageInput = Image.Image | torch.Tensor  # PIL, pixels (3, H, W), or projected embeds (T, D)
+ImageInput = Image.Image | torch.Tensor | Tiles  # PIL, pixels (3, H, W), anyres tiles, or projected embeds (T, D)
 
 
 @dataclass
@@ -65,8 +66,8 @@ class Prompt:
 
     ``images`` fill the ``<image>`` placeholders in order; with images and no
     placeholder, they go first in the first human turn (``"<image>\\n" * n``).
-    An image is a PIL image, a preprocessed pixel tensor (3, H, W), or already
-    projected embeddings (num_image_tokens, hidden) as a chat session caches them.
+    An image is a PIL image, a preprocessed pixel tensor (3, H, W) (an anyres model: its
+    `Tiles`), or already projected embeddings (tokens, hidden) as a chat session caches them.
     """
 
     turns: list[dict]
@@ -105,18 +106,20 @@ class StoredPrefix:
                       per_image: int) -> tuple[int, int]:
         """(tokens, images) of ``ids`` whose keys and values this prefix holds: the common ids,
         where image tokens also need the same image, never part of an image, and at least one
-        token of ``ids`` left to prefill."""
+        token of ``ids`` left to prefill. ``per_image`` 0 (counts vary, anyres): up to the first image."""
         limit = min(len(self.ids), len(ids) - 1)
         n = n_image_tokens = 0
         while n < limit and self.ids[n] == ids[n]:
             if ids[n] == image_token_id:
+                if not per_image:
+                    break
                 k, start = divmod(n_image_tokens, per_image)
                 if start == 0 and not (self.images is not None and images is not None and k < len(self.images)
                                        and k < len(images) and torch.equal(self.images[k], images[k])):
                     break
                 n_image_tokens += 1
             n += 1
-        if not n_image_tokens:  # also for a text-only model, which has no tokens per image
+        if not per_image:
             return n, 0
         n -= n_image_tokens % per_image
         return n, n_image_tokens // per_image

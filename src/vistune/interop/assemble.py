@@ -20,7 +20,7 @@ from ..data.images import ImageConfig
 from ..model.config import VLMConfig
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
-from ..text.settings import DEFAULT_MAX_LENGTH
+from ..data.settings import DEFAULT_MAX_LENGTH
 from ..text.templates import get_template
 from ..text.tokenizer import ensure_special_tokens, image_token_id
 from .weights import InteropError, StateDict, load_exact

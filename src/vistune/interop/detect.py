@@ -52,8 +52,8 @@ def detect_format(src: str | os.PathLike) -> str:
     if "vision" in cfg and "text" in cfg and "format_version" in cfg:
         return VISTUNE
     archs = cfg.get("architectures") or []
-    if "LlavaForConditionalGeneration" in archs or (
-        cfg.get("model_type") == "llava" and ("text_config" in cfg or "vision_config" in cfg)
+    if {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"} & set(archs) or (
+        cfg.get("model_type") in ("llava", "llava_next") and ("text_config" in cfg or "vision_config" in cfg)
     ):
         return LLAVA_HF
     if "mm_vision_tower" in cfg or any(a.startswith("Llava") for a in archs) or \

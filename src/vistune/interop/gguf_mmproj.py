@@ -107,6 +107,9 @@ def projector_tensors(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 def plan_mmproj(model: VisionLanguageModel) -> MmprojPlan:
     """Check that llama.cpp can run this model's vision side and map its tensors; raises InteropError."""
+    if model.config.image.aspect == "anyres":
+        raise InteropError("GGUF export of anyres (LLaVA-NeXT) models is not supported yet: export to llava-hf "
+                           "(LlavaNextForConditionalGeneration) instead")
     vcfg = model.vision.model.config
     kind = getattr(vcfg, "model_type", type(model.vision.model).__name__)
     tower = VISION_TOWERS.get(kind)

@@ -29,6 +29,7 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaImageProcessorPil,
+    LlavaNextConfig,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -38,13 +39,15 @@ from transformers.initialization import no_init_weights
 from .. import __version__
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
 from ..files import atomic_directory, write_json
+from ..model.anyres import NEWLINE
 from ..model.unwrap import unwrap_peft
 from ..model.vision import VisionTower
 from ..model.vlm import VisionLanguageModel
-from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from ..data.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from ..text.templates import get_template
 from .assemble import Imported, Settings, assemble, read_tokenizer
 from .chat_template import guess_template_name, jinja_chat_template
+from .llava_next import anyres_image_config, is_next_config, newline_weights, next_config, next_processor, take_newline
 from .weights import InteropError, StateDict, load_exact, read_checkpoint, tied_names, write_weights
 
 VISTUNE_META = "vistune.json"
@@ -213,7 +216,8 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
     src = Path(src)
     notes: list[str] = []
     try:
-        cfg = LlavaConfig.from_pretrained(str(src))
+        nxt = is_next_config(json.loads((src / "config.json").read_text()))
+        cfg = (LlavaNextConfig if nxt else LlavaConfig).from_pretrained(str(src))
     except Exception as e:
         raise InteropError(f"{src / 'config.json'}: not a llava-hf config ({e})") from None
     if cfg.projector_hidden_act != "gelu" or not cfg.multimodal_projector_bias:
@@ -235,6 +239,7 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
     vision_model, lm = empty_models(cfg.vision_config, cfg.text_config)
     head = head_name(lm)
     sd = read_checkpoint(src)
+    newline = take_newline(sd, str(src)) if nxt else {}
     vis_sd, proj_sd, lm_sd = split_llava_hf(sd, set(vision_model.state_dict()), set(lm.state_dict()),
                                             lm.base_model_prefix, head, str(src))
     load_exact(vision_model, vis_sd, f"{src} (vision tower)")
@@ -249,6 +254,8 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
         notes.append(f"settings from {meta_file.name} (written by vistune {meta.get('vistune_version', '?')})")
     else:
         image = image_config_from_processor(_read_processor_settings(src), tower.image_size, str(src))
+        if nxt:
+            image = anyres_image_config(image, cfg.image_grid_pinpoints, str(src / "config.json"))
         guessed = guess_template_name(_read_chat_template(src))
         tpl = template or guessed or DEFAULT_TEMPLATE
         max_length = DEFAULT_MAX_LENGTH
@@ -261,7 +268,7 @@ def import_llava_hf(src: str | os.PathLike, *, template: str | None = None,
         raise InteropError(f"{src}: tokenizer has <image> = {in_vocab} but config.json says "
                            f"image_token_index = {cfg.image_token_id}")
     settings = Settings("mlp2x_gelu", cfg.vision_feature_layer, select, tpl, image, max_length)
-    model = assemble(settings, vision_model, lm, tok, proj_sd, source=str(src), notes=notes, dtype=dtype)
+    model = assemble(settings, vision_model, lm, tok, proj_sd | newline, source=str(src), notes=notes, dtype=dtype)
     if model.image_token_id != cfg.image_token_id:
         raise InteropError(f"{src}: image token id {model.image_token_id} differs from config.json's "
                            f"{cfg.image_token_id}")
@@ -344,6 +351,8 @@ def llava_hf_state_dict(model: VisionLanguageModel, key_layout: str = "old") -> 
             k = f"vision_model.{k}"
         out[("model." if new else "") + f"vision_tower.{k}"] = t
     for k, t in model.projector.state_dict().items():
+        if k == NEWLINE:  # anyres: LLaVA-NeXT's own key (llava_next.py)
+            continue
         idx, param = k.split(".", 1)
         out[("model." if new else "") + f"multi_modal_projector.linear_{1 if idx == '0' else 2}.{param}"] = t
     for k, t in lm.state_dict().items():
@@ -382,11 +391,15 @@ def stop_token_ids(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBas
 
 def export_llava_hf(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, out: str | os.PathLike, *,
                     key_layout: str = "old", max_shard_size: str | int = "5GB") -> Path:
-    """Write ``model`` as a llava-hf directory (atomically); returns its path."""
+    """Write ``model`` as a llava-hf directory (atomically); returns its path. An anyres model is
+    written as llava-hf's LLaVA-NeXT (`LlavaNextForConditionalGeneration`, llava_next.py)."""
     strategy, extra = check_exportable(model, tokenizer)
     cfg = model.config
+    anyres = cfg.image.aspect == "anyres"
     lm = unwrap_peft(model.language_model)
     sd = llava_hf_state_dict(model, key_layout)
+    if anyres:
+        sd.update(newline_weights(model, key_layout))
     dtype = lm.get_input_embeddings().weight.dtype
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     text_config = lm.config.to_dict()
@@ -394,7 +407,7 @@ def export_llava_hf(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBa
         text_config["tie_word_embeddings"] = tied = False
     # vLLM builds the language model from text_config.architectures.
     text_config["architectures"] = [type(lm).__name__]
-    llava_cfg = LlavaConfig(
+    config_kwargs = dict(
         vision_config=model.vision.model.config.to_dict(),
         text_config=text_config,
         image_token_index=cfg.image_token_id,
@@ -405,15 +418,23 @@ def export_llava_hf(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBa
         multimodal_projector_bias=True,
         tie_word_embeddings=tied,
     )
-    llava_cfg.architectures = ["LlavaForConditionalGeneration"]
+    if anyres:
+        llava_cfg = next_config(model, **config_kwargs)
+    else:
+        llava_cfg = LlavaConfig(**config_kwargs)
+        llava_cfg.architectures = ["LlavaForConditionalGeneration"]
     llava_cfg.dtype = dtype
     tok = copy.deepcopy(tokenizer)  # the chat template is set on a copy, never on the caller's tokenizer
     chat_template = jinja_chat_template(cfg.template, tok)
     tok.chat_template = chat_template
-    image_processor = LlavaImageProcessorPil(**image_processor_kwargs(cfg.image))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=int(
-        model.vision.model.config.patch_size), vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=extra, chat_template=chat_template)
+    proc_kwargs = dict(patch_size=int(model.vision.model.config.patch_size), vision_feature_select_strategy=strategy,
+                       num_additional_image_tokens=extra, chat_template=chat_template)
+    if anyres:
+        processor = next_processor(cfg.image, image_processor_kwargs(cfg.image), tok, **proc_kwargs)
+    else:
+        processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(**image_processor_kwargs(cfg.image)),
+                                   tokenizer=tok, **proc_kwargs)
+    image_processor = processor.image_processor
     stops = stop_token_ids(model, tok)
     gen = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                            eos_token_id=stops[0] if len(stops) == 1 else stops)

@@ -26,9 +26,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from ..data.images import ImageConfig
+from ..model.anyres import NEWLINE
 from ..model.build import image_config_for
 from ..model.vision import VisionTower, load_vision_model
-from ..text.settings import DEFAULT_MAX_LENGTH
+from ..data.settings import DEFAULT_MAX_LENGTH
 from .assemble import Imported, Settings, assemble, read_tokenizer
 from .weights import InteropError, StateDict, load_exact, read_checkpoint, read_weights
 
@@ -67,15 +69,20 @@ def text_config_from_llava(cfg: dict, source: str) -> PretrainedConfig:
     return AutoConfig.for_model(base, **d)
 
 
-def check_supported(cfg: dict, source: str) -> None:
+def check_supported(cfg: dict, source: str) -> bool:
+    """Raise InteropError for what vistune cannot express; True for a LLaVA-NeXT (v1.6, anyres) checkpoint."""
     if cfg.get("mm_use_im_start_end"):
         raise InteropError(f"{source}: mm_use_im_start_end=true (<im_start>/<im_end> around images) is not "
                            "supported; LLaVA v1 and v1.5 checkpoints leave it false")
     merge = cfg.get("mm_patch_merge_type", "flat")
     aspect = cfg.get("image_aspect_ratio")
+    if aspect == "anyres" and merge == "spatial_unpad":
+        return True  # LLaVA-1.6: tiles unpadded, a newline after each row (vistune's anyres)
     if merge not in ("flat", None) or aspect not in _ASPECT:
-        raise InteropError(f"{source}: image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r}: "
-                           "LLaVA-NeXT (anyres) checkpoints are not supported; vistune imports LLaVA v1/v1.5")
+        raise InteropError(f"{source}: image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r}: vistune imports "
+                           "LLaVA v1/v1.5 and v1.6 (image_aspect_ratio anyres with mm_patch_merge_type "
+                           "spatial_unpad); other LLaVA-NeXT variants are not supported")
+    return False
 
 
 def projector_type_of(proj: StateDict, cfg: dict | None, source: str) -> str:
@@ -144,9 +151,15 @@ def settings_from(cfg: dict | None, tower: PreTrainedModel, vision_tower: str | 
     if layer is None:
         layer = -2
         notes.append("no mm_vision_select_layer in the config: using -2, as every LLaVA recipe does")
-    aspect = _ASPECT[cfg.get("image_aspect_ratio")]
+    anyres = cfg.get("image_aspect_ratio") == "anyres"
     vt = VisionTower(tower, int(layer))
-    image = image_config_for(str(vision_tower), vt, aspect)
+    image = image_config_for(str(vision_tower), vt, "pad" if anyres else _ASPECT[cfg.get("image_aspect_ratio")])
+    if anyres:  # LLaVA-NeXT writes its grids as [width, height], as vistune does
+        try:
+            image = ImageConfig.from_dict(image.to_dict() | {"aspect": "anyres",
+                                                             "grid_pinpoints": cfg.get("image_grid_pinpoints")})
+        except ValueError as e:
+            raise InteropError(f"config.json: {e}") from None
     return Settings(
         projector_type=projector_type,
         vision_feature_layer=int(layer),
@@ -175,7 +188,7 @@ def import_llava_full(src: str | os.PathLike, *, vision_tower=None, template: st
     src = Path(src)
     notes: list[str] = []
     cfg = read_llava_config(src / "config.json")
-    check_supported(cfg, str(src))
+    anyres = check_supported(cfg, str(src))
     text_cfg = text_config_from_llava(cfg, str(src / "config.json"))
     vision = load_tower(vision_tower, cfg, str(src))  # before reading gigabytes of weights
     proj, rest = split_projector(read_checkpoint(src))
@@ -183,8 +196,13 @@ def import_llava_full(src: str | os.PathLike, *, vision_tower=None, template: st
     for k in list(rest):
         if k.endswith("rotary_emb.inv_freq"):
             del rest[k]  # a buffer old checkpoints saved; recomputed from the config
+        elif k == "model.image_newline" and anyres:
+            proj[NEWLINE] = rest.pop(k)  # vistune keeps it with the projector
         elif k.startswith(("model.image_newline", "model.vision_resampler")):
-            raise InteropError(f"{src}: weight {k} belongs to LLaVA-NeXT, which is not supported")
+            raise InteropError(f"{src}: weight {k} belongs to a LLaVA-NeXT variant this config does not describe "
+                               "(vistune imports v1.6: image_aspect_ratio anyres, mm_patch_merge_type spatial_unpad)")
+    if anyres and NEWLINE not in proj:
+        raise InteropError(f"{src}: a LLaVA-1.6 (anyres) checkpoint without model.image_newline")
     with no_init_weights():
         lm = AutoModelForCausalLM.from_config(text_cfg)
     lm.tie_weights()  # not done under no_init_weights
@@ -225,7 +243,9 @@ def import_llava_projector(src: str | os.PathLike, *, base=None, vision_tower=No
     if cfg is None:
         notes.append(f"no config.json beside {weights.name}: projector type from its keys, other settings default")
     else:
-        check_supported(cfg, str(cfg_file))
+        if check_supported(cfg, str(cfg_file)):
+            raise InteropError(f"{cfg_file}: a LLaVA-1.6 (anyres) projector-only checkpoint; vistune imports v1.6 "
+                               "from full checkpoints only")
     proj, other = split_projector(read_weights(weights))
     if not proj:
         raise InteropError(f"{weights}: no mm_projector weights in it (keys e.g. {sorted(other)[:4]})")
@@ -258,7 +278,9 @@ def import_llava_lora(src: str | os.PathLike, *, base=None, vision_tower=None, t
         raise InteropError(f"{src / 'adapter_config.json'}: not a LoRA adapter config ({e})") from None
     cfg = read_llava_config(src / "config.json") if (src / "config.json").is_file() else None
     if cfg is not None:
-        check_supported(cfg, str(src / "config.json"))
+        if check_supported(cfg, str(src / "config.json")):
+            raise InteropError(f"{src / 'config.json'}: a LLaVA-1.6 (anyres) LoRA checkpoint; vistune imports v1.6 "
+                               "from full checkpoints only (merge the LoRA with LLaVA-NeXT's tools first)")
     adapter_files = [src / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (src / n).is_file()]
     if not adapter_files:
         raise InteropError(f"{src}: no adapter_model.safetensors or adapter_model.bin")

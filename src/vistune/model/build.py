@@ -9,8 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import __version__
+from ..data.anyres import feature_side
 from ..data.images import CLIP_MEAN, CLIP_STD, ImageConfig
-from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from ..data.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from ..text.templates import get_template
 from ..text.tokenizer import ensure_special_tokens, image_token_id, load_tokenizer
 from .config import VLMConfig
@@ -62,10 +63,11 @@ def _preprocessor_size(pp: dict) -> int | None:
     return None
 
 
-def _image_config(pp: dict, size: int, aspect: str) -> ImageConfig:
+def _image_config(pp: dict, size: int, aspect: str, grid_pinpoints=None, max_tiles: int | None = None) -> ImageConfig:
     mean = tuple(pp.get("image_mean", CLIP_MEAN))
     std = tuple(pp.get("image_std", CLIP_STD))
-    return ImageConfig(size=size, aspect=aspect, mean=mean, std=std)
+    return ImageConfig(size=size, aspect=aspect, mean=mean, std=std, grid_pinpoints=grid_pinpoints,
+                       max_tiles=max_tiles)
 
 
 def image_config_for(source: Source, tower: VisionTower, aspect: str = "pad") -> ImageConfig:
@@ -88,6 +90,8 @@ def build_vlm(
     template: str | dict = DEFAULT_TEMPLATE,
     image: ImageConfig | None = None,
     image_aspect: str = "pad",
+    image_grid_pinpoints: list | str | None = None,
+    max_tiles: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     dtype: torch.dtype | None = None,
 ) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
@@ -99,7 +103,8 @@ def build_vlm(
     initialised at the mean of the old ones. ``connector`` (qformer, resampler) puts a
     compressing connector of ``num_queries`` queries before the projector, fresh or
     (``connector_from``) the Q-Former of a BLIP-2 directory; each image is then
-    ``num_queries`` tokens.
+    ``num_queries`` tokens. ``image_aspect="anyres"`` tiles images on
+    the best of ``image_grid_pinpoints`` (LLaVA-NeXT; `vistune.data.anyres`).
     """
     get_template(template)  # fail early on an unknown template
     if tokenizer is None:
@@ -140,10 +145,12 @@ def build_vlm(
         num_image_tokens=spec["num_queries"] if spec else tower.num_tokens(),
         image_token_id=image_token_id(tokenizer),
         template=template,
-        image=image or _image_config(pp, tower.image_size, image_aspect),
+        image=image or _image_config(pp, tower.image_size, image_aspect, image_grid_pinpoints, max_tiles),
         max_length=max_length,
         vistune_version=__version__,
     )
+    if cfg.image.aspect == "anyres":
+        feature_side(cfg.num_image_tokens)  # a square map per tile, or a clear error
     model = VisionLanguageModel(cfg, tower, lm)
     if connector_from is not None:
         load_blip2_qformer(model.connector, connector_from)

@@ -26,6 +26,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerBas
 from transformers.initialization import no_init_weights
 
 from .. import __version__
+from ..data.anyres import Tiles, tile_image
 from ..data.images import ImageConfig, preprocess
 from ..files import atomic_directory, write_json
 from ..text.templates import Template, get_template
@@ -224,7 +225,10 @@ class LoadedModel:
     def image_config(self) -> ImageConfig:
         return self.config.image
 
-    def pixels(self, image) -> torch.Tensor:
+    def pixels(self, image) -> torch.Tensor | Tiles:
+        """What the model takes of a PIL image: pixels (3, S, S), or an anyres model's tiles."""
+        if self.image_config.aspect == "anyres":
+            return tile_image(image, self.image_config)
         return preprocess(image, self.image_config)
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..data.images import ImageConfig
-from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from ..data.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from .connectors import check_connector
 
 CONFIG_NAME = "config.json"

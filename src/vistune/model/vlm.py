@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..text.encode import IGNORE_INDEX
+from . import anyres
 from .config import VLMConfig
 from .connectors import build_connector
 from .projector import build_projector
@@ -51,6 +52,8 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector if projector is not None else build_projector(
             config.projector_type, width, text_dim
         )
+        if config.image.aspect == "anyres":
+            anyres.add_newline(self.projector, text_dim)
 
     # -- pieces ---------------------------------------------------------------
     @property
@@ -70,22 +73,29 @@ class VisionLanguageModel(nn.Module):
             vision_features = vision_features.to(dtype=p.dtype, device=p.device)
         return self.projector(vision_features)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels -> (N, T, text_dim) visual tokens."""
-        return self.project(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor,
+                      image_sizes: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """(N, 3, H, W) pixels -> (N, T, text_dim) visual tokens. AnyRes: the tiles of images of
+        ``image_sizes`` (width, height) -> one (T_i, text_dim) tensor per image (`model.anyres`)."""
+        feats = self.project(self.vision(pixel_values))
+        if image_sizes is None:
+            return feats
+        return anyres.merge_images(feats, image_sizes, self.config.image, anyres.newline_of(self.projector))
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with the images spliced in at the image-token positions.
 
-        Images come as pixels, as cached vision-tower features (before the
-        projector), or as already projected embeddings (inference reuses them across
-        turns). A count mismatch is an error, never a silent truncation.
+        Images come as pixels (anyres: tiles, with ``image_sizes``), as cached vision-tower
+        features (before the projector), or as already projected embeddings, (N, T, D) or one
+        (T_i, D) per image (inference reuses them across turns). A count mismatch is an error,
+        never a silent truncation.
         """
         emb_layer = self.language_model.get_input_embeddings()
         is_image = input_ids == self.image_token_id
@@ -93,16 +103,18 @@ class VisionLanguageModel(nn.Module):
         embeds = emb_layer(safe_ids)
         if image_embeds is None:
             if pixel_values is not None:
-                image_embeds = self.encode_images(pixel_values)
+                image_embeds = self.encode_images(pixel_values, image_sizes)
             elif vision_features is not None:
                 image_embeds = self.project(vision_features)
+        n_images = 0 if image_embeds is None else len(image_embeds)
+        if isinstance(image_embeds, (list, tuple)):
+            image_embeds = torch.cat(list(image_embeds)) if image_embeds else None
         n_slots = int(is_image.sum())
-        n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        n_feats = 0 if image_embeds is None else image_embeds.shape[:-1].numel()
         if n_slots != n_feats:
-            per = self.config.num_image_tokens or "?"
             raise ImageTokenMismatch(
                 f"batch has {n_slots} image-token positions but {n_feats} image feature vectors "
-                f"({0 if image_embeds is None else image_embeds.shape[0]} images x {per} tokens)"
+                f"({n_images} images)"
             )
         if image_embeds is None:
             return embeds
@@ -118,12 +130,13 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | list[torch.Tensor] | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
+        image_sizes: torch.Tensor | None = None,
         **lm_kwargs,
     ) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds)
+        embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds, image_sizes)
         if past_key_values is not None:
             lm_kwargs[self.cache_kwarg()] = past_key_values
         out = self.language_model(

@@ -54,7 +54,7 @@ def encode_conversation(
     turns: Sequence[dict],
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_length: int | None = None,
     record_id: object = "<unnamed>",
     system: str | None = None,
@@ -64,7 +64,8 @@ def encode_conversation(
     """Render ``turns`` with ``template``, tokenize, supervise only replies + stops.
 
     Every ``<image>`` placeholder becomes ``num_image_tokens`` copies of
-    ``image_token_id`` (labels -100). Over-long samples lose text from the end; a cut
+    ``image_token_id`` (labels -100); a list gives each placeholder its own count, in order
+    (AnyRes: the count depends on the image's size). Over-long samples lose text from the end; a cut
     that would land inside an image's tokens, or remove every supervised token, raises
     SampleTooLong naming the record.
     """
@@ -112,13 +113,22 @@ def encode_conversation(
             f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders in the text became "
             f"{n_image_ids} image tokens; the tokenizer must keep {IMAGE_PLACEHOLDER} as one special token",
         )
-    if n_placeholders and num_image_tokens != 1:
+    if isinstance(num_image_tokens, int):
+        counts = [num_image_tokens] * n_placeholders
+    else:
+        counts = [int(c) for c in num_image_tokens]
+        if len(counts) != n_placeholders:
+            raise EncodingError(record_id, f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(counts)} "
+                                           "image token counts")
+    if n_placeholders and any(c != 1 for c in counts):
         out_ids: list[int] = []
         out_labels: list[int] = []
+        k = 0
         for t, lab in zip(ids, labels):
             if t == image_token_id:
-                out_ids.extend([image_token_id] * num_image_tokens)
-                out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+                out_ids.extend([image_token_id] * counts[k])
+                out_labels.extend([IGNORE_INDEX] * counts[k])
+                k += 1
             else:
                 out_ids.append(t)
                 out_labels.append(lab)
@@ -132,7 +142,7 @@ def encode_conversation(
         if image_token_id in ids[max_length:]:
             raise SampleTooLong(
                 record_id,
-                f"{len(ids)} tokens (with {n_placeholders}x{num_image_tokens} image tokens) exceed "
+                f"{len(ids)} tokens (with {sum(counts)} image tokens for {n_placeholders} image(s)) exceed "
                 f"max_length {max_length} and truncation would cut into an image",
             )
         ids, labels = ids[:max_length], labels[:max_length]

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..data.collate import PadCollator
 from ..data.dataset import SampleError
-from ..text.settings import DEFAULT_MAX_LENGTH
+from ..data.settings import DEFAULT_MAX_LENGTH
 from .packing import PackCollator
 
 
@@ -76,7 +76,8 @@ def supervised_tokens(batch: dict) -> int:
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The keyword arguments of VisionLanguageModel.forward for a collated batch."""
     out = {}
-    for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "vision_features"):
+    for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes",
+                "vision_features"):
         v = batch.get(key)
         if v is not None:
             out[key] = v.to(device, non_blocking=True)

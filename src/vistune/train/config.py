@@ -25,7 +25,7 @@ MODULE_MODES = ("frozen", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
-IMAGE_ASPECTS = ("pad", "resize", "crop")
+IMAGE_ASPECTS = ("pad", "resize", "crop", "anyres")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,9 @@ class ModelSpec:
     connector_from: str | None = None  # a BLIP-2 checkpoint directory: its Q-Former, queries and ln_vision
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"
-    image_aspect: str = "pad"
+    image_aspect: str = "pad"  # anyres: LLaVA-NeXT's tiles on the best of image_grid_pinpoints (docs/anyres.md)
+    image_grid_pinpoints: list | str | None = None  # [[width, height], ...] px or "(1x1),...,(3x3)"; default 1.6's
+    max_tiles: int | None = None  # anyres: grids of more tiles are never chosen
 
 
 @dataclass
@@ -64,6 +66,7 @@ class DataConfig:
     template: str | None = None  # default: the model's template (vicuna_v1 for new models)
     system: str | None = None
     max_length: int | None = None  # default: the model's max_length
+    max_image_tokens: int | None = None  # a sample's images together at most (anyres, many images); over it: refused
     num_workers: int = 0
     shuffle: bool = True
     group_by_length: bool = False  # LLaVA's group_by_modality_length
@@ -399,7 +402,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.overwrite removes the checkpoints that train.resume continues from: set one of them")
     if m.image_aspect not in IMAGE_ASPECTS:
         raise ConfigError(f"model.image_aspect must be one of {', '.join(IMAGE_ASPECTS)}, got {m.image_aspect!r}")
-    for key in ("max_length", "pack_length"):
+    if m.image_aspect != "anyres" and (m.image_grid_pinpoints is not None or m.max_tiles is not None):
+        raise ConfigError("model.image_grid_pinpoints and model.max_tiles need model.image_aspect=anyres")
+    if m.max_tiles is not None and m.max_tiles < 1:
+        raise ConfigError(f"model.max_tiles must be >= 1, got {m.max_tiles}")
+    for key in ("max_length", "pack_length", "max_image_tokens"):
         v = getattr(data, key)
         if v is not None and v < 1:
             raise ConfigError(f"data.{key} must be >= 1, got {v}")

@@ -32,7 +32,7 @@ from ..data.images import ImageError, load_pixels, resolve_image_path
 from ..data.records import RecordError, RecordFile
 from ..files import atomic_directory
 from ..model.vlm import VisionLanguageModel
-from ..text.settings import TextSettings
+from ..data.settings import TextSettings
 from .config import ConfigError, RunConfig
 
 log = logging.getLogger("vistune.train")
@@ -284,10 +284,18 @@ def cache_path(cfg: RunConfig, out: str | os.PathLike | None = None) -> Path:
     return Path(fc)
 
 
+def refuse_anyres(model: VisionLanguageModel) -> None:
+    """The cache holds one fixed-size feature map per image; anyres images have a map per tile."""
+    if model.config.image.aspect == "anyres":
+        raise ConfigError("data.feature_cache does not support model.image_aspect=anyres yet (each image is "
+                          "a varying number of tiles): leave data.feature_cache unset")
+
+
 def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSettings, acc) -> FeatureDataset:
     """The training set read through the cache (built first by the main process if needed)."""
     if cfg.train.vision != "frozen":
         raise ConfigError("data.feature_cache needs train.vision=frozen")
+    refuse_anyres(model)
     path = cache_path(cfg)
     model.vision.to(acc.device)  # encode on the accelerator; prepare() moves the rest
     if acc.is_main_process:
@@ -310,6 +318,7 @@ def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = No
 
     set_seed(cfg.train.seed)  # the very tower training builds (random towers of tiny from-scratch runs too)
     model, _ = build_model(cfg)
+    refuse_anyres(model)
     if torch.cuda.is_available():
         model.vision.to("cuda")
     path = cache_path(cfg, out)

@@ -83,7 +83,7 @@ class PackCollator:
             "segments": segments,
             "num_tokens": int(sum(lengths)),
         }
-        for key in ("pixel_values", "vision_features"):
+        for key in ("pixel_values", "image_sizes", "vision_features"):
             parts = [samples[i][key] for i in order if samples[i].get(key) is not None]
             batch[key] = torch.cat(parts) if parts else None
         return batch

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from ..data.dataset import VLDataset
 from ..hardware import bf16_support, has_accelerator
 from ..model.checkpoint import save_model
-from ..text.settings import TextSettings, text_settings_for
+from ..data.settings import TextSettings, text_settings_for
 from . import checkpoints as ckpt
 from .batches import TrainCollator
 from .config import ConfigError, RunConfig, TrainConfig, check_paths
@@ -86,7 +86,7 @@ def set_up(cfg: RunConfig, out: Path, resume: str | None, overwrite: bool) -> Ru
     model = for_training(model)  # the same modules, trained with train/speedups.py
 
     # build_model wrote data.template / data.max_length into the model's config: it is the one source
-    text = text_settings_for(model.config, tok, system=cfg.data.system)
+    text = text_settings_for(model.config, tok, system=cfg.data.system, max_image_tokens=cfg.data.max_image_tokens)
     dataset = _dataset(cfg, model, text, acc)
     n = len(dataset)
     if n == 0:

@@ -41,16 +41,16 @@ class TrainingVLM(VisionLanguageModel):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
                 vision_features=None, image_embeds=None, past_key_values=None, use_cache=False,
-                **lm_kwargs) -> VLMOutput:
+                image_sizes=None, **lm_kwargs) -> VLMOutput:
         lm = unwrap_peft(self.language_model)
         if (labels is None or past_key_values is not None or use_cache or lm_kwargs
                 or any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING)):
             return super().forward(input_ids, attention_mask, pixel_values, labels, position_ids, vision_features,
-                                   image_embeds, past_key_values, use_cache, **lm_kwargs)
+                                   image_embeds, past_key_values, use_cache, image_sizes, **lm_kwargs)
         # config._attn_implementation is transformers' only way to read which attention runs.
         if right_padded(attention_mask) and lm.config._attn_implementation in _CAUSAL_ONLY_ATTENTION:
             attention_mask = None
-        embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds)
+        embeds = self.embed(input_ids, pixel_values, vision_features, image_embeds, image_sizes)
         hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
         targets = labels[:, 1:]

@@ -24,7 +24,7 @@ from ..model.build import build_vlm
 from ..model.checkpoint import load_model
 from ..model.unwrap import unwrap_peft
 from ..model.vlm import VisionLanguageModel
-from ..text.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from ..data.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from .config import ConfigError, RunConfig, check_paths, module_lr, module_mode
 
 MODULES = ("vision", "projector", "connector", "llm")
@@ -51,6 +51,8 @@ def build_model(cfg: RunConfig) -> tuple[VisionLanguageModel, PreTrainedTokenize
             vision_feature_select=m.vision_feature_select,
             template=data.template or DEFAULT_TEMPLATE,
             image_aspect=m.image_aspect,
+            image_grid_pinpoints=m.image_grid_pinpoints,
+            max_tiles=m.max_tiles,
             max_length=data.max_length or DEFAULT_MAX_LENGTH,
         )
     else:

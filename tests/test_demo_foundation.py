@@ -99,17 +99,3 @@ def test_lm_embeddings_start_at_the_configured_scale(tmp_path, std):
     assert norms[tok.pad_token_id] == 0
     others = torch.cat([norms[:tok.pad_token_id], norms[tok.pad_token_id + 1:]])
     assert others.mean().item() == pytest.approx(std * 64 ** 0.5, rel=0.1)
-
-
-def test_stage0_follows_trainings_cosine_schedule():
-    from vistune.train.optim import lr_factor
-
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-3)
-    schedule = foundation.cosine_schedule(opt, steps=50, warmup=20)
-    rates = []
-    for _ in range(50):
-        rates.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.step()
-    assert rates == pytest.approx([2e-3 * lr_factor("cosine", 20, 50)(s) for s in range(50)])
-    assert rates[0] == 0.0 and max(rates) == pytest.approx(2e-3) and rates[-1] < 1e-5

@@ -22,7 +22,8 @@ from typing import Awaitable, Callable, Sequence
 
 from ..files import atomic_write_text
 from ..text.templates import MINIGPT4_INSTRUCTIONS
-from .llm import LLMConfig, LLMError, OutputLog, RetriesExhausted, Runner, RunSummary, api_key, make_client
+from .llm import (LLMConfig, LLMError, OutputLog, RetriesExhausted, Runner, RunSummary, api_key, make_client,
+                  run_bounded)
 
 # MiniGPT-4's rewriting prompt (arXiv 2304.10592, section 3.2).
 REWRITE_PROMPT = (
@@ -67,29 +68,15 @@ async def _rewrite_all(todo: list[dict], cfg: LLMConfig, out: OutputLog, summary
                        sleep) -> None:
     from tqdm.auto import tqdm
 
-    queue: asyncio.Queue = asyncio.Queue()
-    for d in todo:
-        queue.put_nowait(d)
     async with make_client(cfg) as client:
         runner = Runner(client, cfg, out, summary, sleep)
         with tqdm(total=len(todo), desc="rewrite", unit="req", disable=not progress) as bar:
 
-            async def worker() -> None:
-                while True:
-                    try:
-                        d = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    await _rewrite_one(runner, d, summary, out)
-                    bar.update(1)
+            async def one(d: dict) -> None:
+                await _rewrite_one(runner, d, summary, out)
+                bar.update(1)
 
-            workers = [asyncio.create_task(worker()) for _ in range(min(cfg.concurrency, len(todo)))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await run_bounded(todo, cfg.concurrency, one)
 
 
 async def _rewrite_one(runner: Runner, d: dict, summary: RunSummary, out: OutputLog) -> None:

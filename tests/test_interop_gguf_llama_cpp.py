@@ -1,8 +1,8 @@
 """GGUF export proven by llama.cpp itself: the exported pair, loaded by llama.cpp's own libraries
 (libllama and the multimodal library mtmd, through llama-cpp-python's bindings), renders and
 tokenizes the prompt as vistune does, computes the same image embeddings and answers with the
-same greedy tokens as vistune's engine. Skipped when llama-cpp-python is not installed (its
-install builds llama.cpp from source: `make test-llama-cpp`)."""
+same greedy tokens as vistune's engine. Skipped when llama-cpp-python is not installed (the test
+extra installs it; its install builds llama.cpp from source)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make test-llama-cpp` installs it)")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make install-test` installs it)")
 
 from conftest import make_model, noise_image  # noqa: E402
 from llama_cpp_runner import Pair  # noqa: E402

@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -99,3 +100,24 @@ def test_lm_embeddings_start_at_the_configured_scale(tmp_path, std):
     assert norms[tok.pad_token_id] == 0
     others = torch.cat([norms[:tok.pad_token_id], norms[tok.pad_token_id + 1:]])
     assert others.mean().item() == pytest.approx(std * 64 ** 0.5, rel=0.1)
+
+
+def test_stage0_follows_trainings_cosine_schedule_warming_up_from_one_step():
+    from vistune.train.optim import lr_factor
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-3)
+    schedule = foundation.cosine_schedule(opt, steps=50, warmup=20)
+    rates = []
+    for _ in range(50):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert rates == [2e-3 * lr_factor("cosine", 20, 50, warmup_from_zero=False)(s) for s in range(50)]
+
+    def tuned_with(step, total=50, warmup=20):  # the cosine stage 0 was tuned with: warmup from 1/warmup
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    assert rates == [2e-3 * tuned_with(s) for s in range(50)]  # exactly: stage 0's models do not move
+    assert rates[0] == 2e-3 / 20 and max(rates) == 2e-3 and rates[-1] < 1e-5

@@ -251,6 +251,8 @@ def test_lr_factor_warms_up_then_decays_or_holds():
                                                                  0.5 * (1 + math.cos(3 * math.pi / 4)), 0], abs=1e-12)
     # wsd: the peak until the last `decay` steps, then linearly to 0
     assert [optim.lr_factor("wsd", 2, 10, 4)(k) for k in range(11)] == [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+    # a warmup that starts at 1/warmup, then the same schedule
+    assert [optim.lr_factor("linear", 2, 6, warmup_from_zero=False)(k) for k in range(7)] == [0.5, 1, 1, 0.75, 0.5, 0.25, 0]
     with pytest.raises(ConfigError, match="train.scheduler must be one of cosine, linear, constant, wsd, got 'step'"):
         optim.lr_factor("step", 2, 6)
 

@@ -36,6 +36,8 @@ from ..instruct.annotations import Box
 from ..instruct.synth import COLORS, SHAPES, WorldConfig, draw_scene, location_phrase, name, sample_scene
 from ..model.checkpoint import image_processor_dict
 from ..model.vision import VisionTower
+from ..train.optim import lr_factor
+from ..train.precision import autocast
 
 Progress = Callable[[int, float], None]  # (step, loss)
 
@@ -82,10 +84,10 @@ class LMPretrainConfig:
     precision: str = "auto"  # autocast: auto = bf16 where the CPU has it natively
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Training's cosine schedule (`train.optim.lr_factor`), stepped after each update; its warmup
+    starts at 1/warmup, as stage 0 was tuned with (its short runs lose a step starting from 0)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", warmup, steps, warmup_from_zero=False))
 
 
 class _TextTower(nn.Module):
@@ -208,17 +210,16 @@ def pretrain_vision_encoder(
     # The features are read exactly as stages 1 and 2 read them: the last stage's map,
     # flattened into cells by the VLM's own tower wrapper.
     features = VisionTower(vision, feature_layer=-1, image_size=cfg.image_size)
-    bf16 = resolve_precision(cfg.precision) == "bf16"
+    precision = resolve_precision(cfg.precision)
+    schedule = cosine_schedule(opt, cfg.steps, cfg.warmup)
     vision.train()
     for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
         scenes = []
         for _ in range(cfg.scenes):
             boxes = sample_scene(rng, world)
             scenes += [boxes, hard_negative(boxes, rng, world)]
         pixels = torch.stack([preprocess(draw_scene(b, world, rng), image_cfg) for b in scenes])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             fmap = features(pixels).float()  # (B, cells, C)
         grid = int(math.isqrt(fmap.shape[1]))
         # Whole images vs captions (the twin of each scene is its hard negative).
@@ -236,6 +237,7 @@ def pretrain_vision_encoder(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         if progress:
             progress(step, loss.item())
     vision.eval()
@@ -280,19 +282,19 @@ def pretrain_language_model(
     lm.train()
     L = min(cfg.seq_len, len(data) - 1)
     valid_starts = [s for s in doc_starts if s + L < len(data)] or [0]
-    bf16 = resolve_precision(cfg.precision) == "bf16"
+    precision = resolve_precision(cfg.precision)
+    schedule = cosine_schedule(opt, cfg.steps, cfg.warmup)
     for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _cosine(step, cfg.steps, cfg.warmup)
         starts = [rng.choice(valid_starts) for _ in range(cfg.batch_size)]
         x = torch.stack([data[s: s + L] for s in starts])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             logits = lm(input_ids=x).logits
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
+        schedule.step()
         if progress:
             progress(step, loss.item())
     lm.eval()

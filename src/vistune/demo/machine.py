@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .. import runtime
 from ..hardware import bf16_support, describe_machine
 from ..train.optim import Muon, muon_matrices, orthogonalization_dtype
+from ..train.precision import autocast
 from .foundation import resolve_compile, resolve_precision
 from .side import split_threads
 
@@ -90,7 +91,7 @@ def probe_step(hidden: int, layers: int, heads: int, kv_heads: int, intermediate
         times = []
         for _ in range(steps + 1):  # the first step warms up the allocator and kernels
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(precision):
                 loss = lm(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()

@@ -202,15 +202,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.scheduler, warmup, total_steps, decay))
 
 
-def lr_factor(name: str, warmup: int, total_steps: int, decay: int = 0) -> Callable[[int], float]:
+def lr_factor(name: str, warmup: int, total_steps: int, decay: int = 0,
+              warmup_from_zero: bool = True) -> Callable[[int], float]:
     """The factor on each group's rate at a step (0-based) of ``name``'s schedule; ``decay``
-    is wsd's number of final steps over which the rate falls linearly to 0."""
+    is wsd's number of final steps over which the rate falls linearly to 0. The warmup rises
+    linearly from 0 at step 0 (transformers' convention), or from 1/warmup with
+    ``warmup_from_zero=False``, so that its first step already moves the weights."""
     if name not in SCHEDULERS:  # the config check's own list and words: an unknown name must not fall to cosine
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
     def factor(step: int) -> float:
         if step < warmup:
-            return step / max(1, warmup)
+            return (step + (0 if warmup_from_zero else 1)) / max(1, warmup)
         if name == "constant":
             return 1.0
         if name == "wsd":

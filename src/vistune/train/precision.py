@@ -1,4 +1,4 @@
-"""The mixed precision a run trains in, from its config and device."""
+"""The mixed precision a run trains in, from its config and device; the autocast of a loop of its own."""
 from __future__ import annotations
 
 import torch
@@ -15,3 +15,10 @@ def mixed_precision(precision: str, device_type: str) -> str:
         raise ConfigError("train.precision=fp16 is not supported on CPU (fp16 matmuls are ~100x slower there); "
                           "use bf16 or fp32")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
+    """The autocast a loop outside the trainer (the demo's stage 0, a benchmark) runs its forward
+    under at ``precision`` (as ``train.precision``; fp32: none)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(precision, device_type))
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

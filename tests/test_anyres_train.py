@@ -8,14 +8,13 @@ import torch
 from conftest import noise_image
 from train_fixtures import tiny_config, tiny_data  # noqa: F401
 
-from vistune.data.anyres import anyres_token_count
+from vistune.data.anyres import anyres_token_count, grid_shape
 from vistune.data.dataset import VLDataset, text_settings_for
 from vistune.data.validate import validate_lengths
 from vistune.infer.engine import Engine, GenerationConfig, Prompt
 from vistune.infer.predict import predict_file
 from vistune.model.checkpoint import load_model
 from vistune.train import run
-from vistune.train.config import ConfigError
 
 SIZES = [(64, 32), (32, 96), (50, 40), (96, 96), (40, 33)]
 
@@ -106,6 +105,29 @@ def test_lengths_report_and_feature_cache_with_anyres(tiny_data, wide_data, tmp_
     # (64, 32) takes 16 + 4 x 9 = 52 and fits
     assert any("'r3'" in p.where and "cut into an image" in p.reason for p in problems)
     assert not any("'r0'" in p.where for p in problems)
-    with pytest.raises(ConfigError, match="anyres"):
-        over = {"model.image_aspect": "anyres", "data.feature_cache": "auto", "train.max_steps": 1}
-        run(tiny_config(tiny_data, tmp_path / "fc", over, stage=1))
+
+
+def test_stage1_from_cached_anyres_features_equals_stage1_from_tiles(tiny_data, wide_data, tmp_path):
+    from tolerances import trained_losses
+
+    from vistune.train.features import FeatureCache, read_index
+
+    over = {"model.image_aspect": "anyres", "data.train": str(wide_data["train"]),
+            "data.images": str(wide_data["images"]), "train.max_steps": 3, "data.max_length": 400}
+
+    def losses(r):
+        return [json.loads(x)["loss"] for x in r.metrics_path.read_text().splitlines()]
+
+    tiles = run(tiny_config(tiny_data, tmp_path / "tiles", over, stage=1))
+    cached = run(tiny_config(tiny_data, tmp_path / "cached", {**over, "data.feature_cache": str(tmp_path / "fc")},
+                             stage=1))
+    # the same tiles through the same tower, batched otherwise: a reordered forward per step
+    assert losses(cached) == pytest.approx(losses(tiles), **trained_losses(3))
+    index = read_index(tmp_path / "fc")
+    assert index["num_records"] == 13 and index["num_images"] == 14
+    cache = FeatureCache(tmp_path / "fc")
+    two = 12  # the two-image record: each image's size kept, its tiles one after the other
+    assert cache.image_sizes(two).tolist() == [list(SIZES[0]), list(SIZES[1])]
+    model, _ = load_model(cached.model_dir)
+    n_tiles = sum(1 + c * r for c, r in (grid_shape(s, model.config.image) for s in SIZES[:2]))
+    assert cache.get(two).shape[:2] == (n_tiles, model.config.num_image_tokens)

@@ -16,6 +16,15 @@ from .settings import TextSettings, text_settings_for  # noqa: F401  (text_setti
 from .records import Record, RecordError, RecordFile
 
 
+def image_pixels(path: str | os.PathLike, cfg: ImageConfig) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """One image as its tower reads it: (1, 3, S, S) pixels, or with ``anyres`` its (1 + tiles, 3, S, S)
+    tiles and its (width, height), from which the tile grid follows."""
+    if cfg.aspect != "anyres":
+        return load_pixels(path, cfg).unsqueeze(0), None
+    tiles = tile_image(open_image(path, cfg.max_pixels), cfg)
+    return tiles.pixels, tiles.size
+
+
 class SampleError(ValueError):
     """A record could not become a sample; ``record_id`` names it."""
 
@@ -97,20 +106,16 @@ class VLDataset(Dataset):
         pixels = sizes = None
         if t.images:
             try:
-                if self.image_config.aspect == "anyres":
-                    tiles = [tile_image(open_image(resolve_image_path(p, self.image_dir), self.image_config.max_pixels),
-                                        self.image_config) for p in t.images]
-                    pixels = torch.cat([x.pixels for x in tiles])
-                    sizes = torch.tensor([x.size for x in tiles], dtype=torch.long)
-                    if t.image_sizes is not None and tuple(x.size for x in tiles) != t.image_sizes:
-                        raise SampleError(t.id, f"its images decode at {[x.size for x in tiles]}, their headers "
-                                                f"say {list(t.image_sizes)}")
-                else:
-                    pixels = torch.stack([
-                        load_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images
-                    ])
+                read = [image_pixels(resolve_image_path(p, self.image_dir), self.image_config) for p in t.images]
             except ImageError as e:
                 raise SampleError(t.id, str(e)) from None
+            pixels = torch.cat([px for px, _ in read])
+            if self.image_config.aspect == "anyres":
+                decoded = tuple(size for _, size in read)
+                if t.image_sizes is not None and decoded != t.image_sizes:
+                    raise SampleError(t.id, f"its images decode at {list(decoded)}, their headers "
+                                            f"say {list(t.image_sizes)}")
+                sizes = torch.tensor(decoded, dtype=torch.long)
         return {
             "id": t.id,
             "index": i,

@@ -77,7 +77,13 @@ class VisionLanguageModel(nn.Module):
                       image_sizes: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """(N, 3, H, W) pixels -> (N, T, text_dim) visual tokens. AnyRes: the tiles of images of
         ``image_sizes`` (width, height) -> one (T_i, text_dim) tensor per image (`model.anyres`)."""
-        feats = self.project(self.vision(pixel_values))
+        return self.encode_features(self.vision(pixel_values), image_sizes)
+
+    def encode_features(self, vision_features: torch.Tensor,
+                        image_sizes: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """The tower's (N, T, C) features (computed, or read from the feature cache) -> visual tokens,
+        as `encode_images`."""
+        feats = self.project(vision_features)
         if image_sizes is None:
             return feats
         return anyres.merge_images(feats, image_sizes, self.config.image, anyres.newline_of(self.projector))
@@ -105,7 +111,7 @@ class VisionLanguageModel(nn.Module):
             if pixel_values is not None:
                 image_embeds = self.encode_images(pixel_values, image_sizes)
             elif vision_features is not None:
-                image_embeds = self.project(vision_features)
+                image_embeds = self.encode_features(vision_features, image_sizes)
         n_images = 0 if image_embeds is None else len(image_embeds)
         if isinstance(image_embeds, (list, tuple)):
             image_embeds = torch.cat(list(image_embeds)) if image_embeds else None

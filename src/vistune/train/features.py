@@ -4,7 +4,9 @@ With the tower frozen (stage 1, and LLaVA's stage 2), its output for an image ne
 changes, so it can be computed once and read back at every epoch and every run:
 
     DIR/index.json                     format, fingerprint, which shard holds each record
-    DIR/features-00000.safetensors     one tensor per record: "r<index>" (images, tokens, width)
+    DIR/features-00000.safetensors     one tensor per record: "r<index>" (images, tokens, width);
+                                       anyres: (all its images' tiles, tokens, width), and
+                                       "s<index>" (images, 2), each image's (width, height)
 
 The fingerprint covers the tower's weights and feature settings, the image settings,
 the data file's content and every referenced image's size and modification time;
@@ -27,8 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..data.dataset import SampleError, VLDataset
-from ..data.images import ImageError, load_pixels, resolve_image_path
+from ..data.dataset import SampleError, VLDataset, image_pixels
+from ..data.images import ImageError, resolve_image_path
 from ..data.records import RecordError, RecordFile
 from ..files import atomic_directory
 from ..model.vlm import VisionLanguageModel
@@ -124,11 +126,19 @@ class FeatureCache:
         self._open: dict[str, object] = {}
 
     def get(self, i: int) -> torch.Tensor:
+        return self._shard(i).get_tensor(f"r{i}")
+
+    def image_sizes(self, i: int) -> torch.Tensor | None:
+        """Record ``i``'s images' (width, height) (anyres caches), or None."""
+        f = self._shard(i)
+        return f.get_tensor(f"s{i}") if f"s{i}" in f.keys() else None
+
+    def _shard(self, i: int):
         shard = self.where[i]
         f = self._open.get(shard)
         if f is None:
             f = self._open[shard] = safe_open(str(self.path / shard), "pt")
-        return f.get_tensor(f"r{i}")
+        return f
 
     def __getstate__(self):  # DataLoader workers reopen the shards themselves
         d = dict(self.__dict__)
@@ -150,8 +160,9 @@ class FeatureDataset(VLDataset):
     """VLDataset that reads the tower's features from the cache instead of opening images."""
 
     def __init__(self, records: RecordFile, text: TextSettings, cache: FeatureCache, image_config,
-                 cache_tokens: bool = False):
-        super().__init__(records, text, None, image_config, cache_tokens=cache_tokens)
+                 cache_tokens: bool = False, image_dir: str | os.PathLike | None = None):
+        # image_dir: anyres token counts read the images' headers (never their pixels)
+        super().__init__(records, text, image_dir, image_config, cache_tokens=cache_tokens)
         self.cache = cache
 
     def unreadable_records(self) -> list[dict]:
@@ -166,6 +177,10 @@ class FeatureDataset(VLDataset):
         if i in self.cache.bad:
             raise SampleError(self.record(i).id, self.cache.bad[i])
         t = self.tokens(i)
+        sizes = self.cache.image_sizes(i) if t.images else None
+        if sizes is not None and t.image_sizes is not None and tuple(map(tuple, sizes.tolist())) != t.image_sizes:
+            raise SampleError(t.id, f"its cached features are of images of sizes {sizes.tolist()}, their headers "
+                                    f"say {list(t.image_sizes)}: rebuild the feature cache")
         return {
             "id": t.id, "index": i,
             "input_ids": t.input_ids,
@@ -173,6 +188,7 @@ class FeatureDataset(VLDataset):
             "cut": t.cut,
             "pixel_values": None,
             "vision_features": self.cache.get(i) if t.images else None,
+            "image_sizes": sizes,  # anyres: each image's (width, height); its tiles follow from it
             "image_paths": t.images,
         }
 
@@ -201,22 +217,26 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
     with atomic_directory(out) as tmp:
         shard: dict[str, torch.Tensor] = {}
         shard_no = 0
-        pending: list[tuple[int, list[torch.Tensor]]] = []
+        # (record, each image's (tiles, 3, S, S) pixels and (width, height) or None)
+        pending: list[tuple[int, list[tuple[torch.Tensor, tuple[int, int] | None]]]] = []
 
         def run_pending():
             if not pending:
                 return
-            pix = torch.cat([torch.stack(p) for _, p in pending]).to(device)
+            pix = torch.cat([px for _, images in pending for px, _ in images]).to(device)
             with torch.no_grad():
                 feats = tower(pix).to(device="cpu", dtype=dtype)
             index["dtype"] = str(feats.dtype).removeprefix("torch.")
             at = 0
-            for i, p in pending:
+            for i, images in pending:
+                n = sum(px.shape[0] for px, _ in images)
                 # own, contiguous storage: safetensors takes nothing else, and some towers (SigLIP)
                 # give their features in a permuted layout that a plain clone() would keep
-                shard[f"r{i}"] = feats[at:at + len(p)].clone(memory_format=torch.contiguous_format)
-                at += len(p)
-            index["num_images"] += at
+                shard[f"r{i}"] = feats[at:at + n].clone(memory_format=torch.contiguous_format)
+                if images[0][1] is not None:
+                    shard[f"s{i}"] = torch.tensor([size for _, size in images], dtype=torch.long)
+                at += n
+                index["num_images"] += len(images)
             index["num_tokens"], index["width"] = int(feats.shape[1]), int(feats.shape[2])
             pending.clear()
 
@@ -227,7 +247,8 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
                 name = f"features-{shard_no:05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 for key in shard:
-                    index["records"][key[1:]] = name
+                    if key.startswith("r"):
+                        index["records"][key[1:]] = name
                 shard, shard_no = {}, shard_no + 1
 
         n_pending_images = 0
@@ -235,9 +256,9 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
             try:
                 rec = records[i]
                 if rec.images:
-                    pix = [load_pixels(resolve_image_path(p, image_dir), model.config.image) for p in rec.images]
-                    pending.append((i, pix))
-                    n_pending_images += len(pix)
+                    images = [image_pixels(resolve_image_path(p, image_dir), model.config.image) for p in rec.images]
+                    pending.append((i, images))
+                    n_pending_images += sum(px.shape[0] for px, _ in images)
             except RecordError as e:
                 index["bad"][str(i)] = e.reason
             except ImageError as e:
@@ -245,7 +266,7 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
             if n_pending_images >= batch_images:
                 run_pending()
                 n_pending_images = 0
-            if len(shard) + len(pending) >= shard_records:
+            if sum(k.startswith("r") for k in shard) + len(pending) >= shard_records:
                 flush_shard()
                 n_pending_images = 0
             if bar is not None:
@@ -284,18 +305,10 @@ def cache_path(cfg: RunConfig, out: str | os.PathLike | None = None) -> Path:
     return Path(fc)
 
 
-def refuse_anyres(model: VisionLanguageModel) -> None:
-    """The cache holds one fixed-size feature map per image; anyres images have a map per tile."""
-    if model.config.image.aspect == "anyres":
-        raise ConfigError("data.feature_cache does not support model.image_aspect=anyres yet (each image is "
-                          "a varying number of tiles): leave data.feature_cache unset")
-
-
 def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSettings, acc) -> FeatureDataset:
     """The training set read through the cache (built first by the main process if needed)."""
     if cfg.train.vision != "frozen":
         raise ConfigError("data.feature_cache needs train.vision=frozen")
-    refuse_anyres(model)
     path = cache_path(cfg)
     model.vision.to(acc.device)  # encode on the accelerator; prepare() moves the rest
     if acc.is_main_process:
@@ -304,7 +317,7 @@ def cached_dataset(cfg: RunConfig, model: VisionLanguageModel, text: TextSetting
         log.info("feature cache: %s (%s)", path, "reused" if reused else "built")
     acc.wait_for_everyone()
     return FeatureDataset(RecordFile(cfg.data.train), text, FeatureCache(path), model.config.image,
-                          cache_tokens=cfg.data.cache_tokens)
+                          cache_tokens=cfg.data.cache_tokens, image_dir=cfg.data.images)
 
 
 def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = None) -> dict:
@@ -318,7 +331,6 @@ def cache_features_for_config(cfg: RunConfig, out: str | os.PathLike | None = No
 
     set_seed(cfg.train.seed)  # the very tower training builds (random towers of tiny from-scratch runs too)
     model, _ = build_model(cfg)
-    refuse_anyres(model)
     if torch.cuda.is_available():
         model.vision.to("cuda")
     path = cache_path(cfg, out)

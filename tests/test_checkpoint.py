@@ -74,3 +74,23 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "mm_vision_tower": "x"}))
     with pytest.raises(ValueError, match="vistune import"):
         vistune.load(tmp_path)
+
+
+def test_format_version_is_the_oldest_that_holds_the_model(tokenizer, tmp_path):
+    """A model with anyres images or a connector says format 2, so an older vistune (which reads up to
+    1 and drops fields it does not know) refuses it instead of building another model; others stay 1."""
+    from vistune.model.checkpoint import load_model
+    from vistune.model.config import FORMAT_VERSION, VLMConfig
+
+    for kwargs, version in (({}, 1), ({"image_aspect": "anyres"}, 2)):
+        model, tok = make_model(tokenizer, **kwargs)
+        save_model(model, tok, tmp_path / str(version))
+        saved = json.loads((tmp_path / str(version) / "config.json").read_text())
+        assert saved["format_version"] == version
+        assert load_model(tmp_path / str(version))[0].config.image.aspect == model.config.image.aspect
+    cfg = make_model(tokenizer)[0].config.to_dict()
+    assert VLMConfig.from_dict({**cfg, "connector": {"type": "resampler", "num_queries": 4}}).to_dict()[
+        "format_version"] == 2
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}; this vistune reads up to "
+                                         f"{FORMAT_VERSION} \\(upgrade vistune\\)"):
+        VLMConfig.from_dict({**cfg, "format_version": FORMAT_VERSION + 1})

@@ -9,7 +9,8 @@ from ..data.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from .connectors import check_connector
 
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+# 2: anyres images and connectors, which a reader of 1 would misread (it drops fields it does not know).
+FORMAT_VERSION = 2
 PROJECTOR_TYPES = "linear, identity, mlp{N}x_gelu"
 MLP_PROJECTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -57,7 +58,12 @@ class VLMConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image"] = self.image.to_dict()
+        d["format_version"] = self.needed_format_version()
         return d
+
+    def needed_format_version(self) -> int:
+        """The oldest format that holds this model: older vistunes keep reading what they can."""
+        return 2 if self.connector or self.image.aspect == "anyres" else 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":

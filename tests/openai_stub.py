@@ -49,6 +49,7 @@ class StubLLM:
         self.delay = delay
         self.lock = threading.Lock()
         self.requests: list[tuple[int, str]] = []
+        self.seeds: dict[tuple[int, str], list] = {}  # the `seed` each request of a job sent
         self.inflight = 0
         self.max_inflight = 0
         stub = self
@@ -93,6 +94,7 @@ class StubLLM:
         image = int(re.search(r"\bimg(\d+)\b", msgs[-1]["content"]).group(1))
         with self.lock:
             self.requests.append((image, kind))
+            self.seeds.setdefault((image, kind), []).append(body.get("seed"))
             n = self.requests.count((image, kind))
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)

@@ -328,3 +328,22 @@ def test_an_unreachable_server_stops_the_run_early(tmp_path):
     with pytest.raises(LLMError, match=rf"cannot reach {url}: 5 requests in a row failed to connect.*is the server up"):
         generate_with_llm(anns(20), ["conversation"], tmp_path / "out.jsonl", config, progress=False, sleep=sleep)
     assert len(delays) <= 5  # not 20 jobs x 6 attempts
+
+
+def test_each_job_sends_its_own_seed_whatever_the_order(tmp_path):
+    """A server that honours OpenAI's `seed` then answers a rerun the same, in any order of jobs."""
+    def seeds(concurrency: int, seed: int, script=None) -> dict:
+        with StubLLM(script) as stub:
+            generate_with_llm(anns(4), KINDS, tmp_path / f"{concurrency}-{seed}-{bool(script)}.jsonl",
+                              cfg(stub, concurrency=concurrency, seed=seed), progress=False, sleep=record_sleeps()[1])
+        return stub.seeds
+
+    first = seeds(1, 0)
+    assert all(len(v) == 1 and isinstance(v[0], int) for v in first.values())
+    assert len({v[0] for v in first.values()}) == len(first) == 12  # each job its own
+    # retries of a job send its seed again; other concurrency and order: the same seeds
+    again = seeds(4, 0, {(2, "detail"): [Reply(status=500), Reply()]})
+    assert again[(2, "detail")] == first[(2, "detail")] * 2
+    assert {k: v[:1] for k, v in again.items()} == first
+    other = seeds(1, 1)
+    assert other.keys() == first.keys() and all(other[k] != v for k, v in first.items())  # the run's seed moves them all

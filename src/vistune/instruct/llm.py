@@ -14,6 +14,7 @@ Records: ``{"id": "{image_id}-{kind}", "image": ann.file, "kind": kind,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -108,6 +109,12 @@ def job_rng(seed: int, ann: ImageAnnotation, kind: str) -> random.Random:
     # Per job, not per run: a record's phrasing and placeholder side do not depend on
     # which requests finished first or on what an earlier, interrupted run did.
     return random.Random(f"{seed}/{ann.id}/{kind}")
+
+
+def request_seed(seed: int, where: str) -> int:
+    """The sampling seed sent with a job's requests (OpenAI's ``seed``): per job, as ``job_rng``, so
+    a server that honours it answers a rerun the same whatever order the jobs ran in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{where}".encode()).digest()[:4], "big") >> 1
 
 
 def to_record(ann: ImageAnnotation, kind: str, pairs: Sequence[tuple[str | None, str]], rng: random.Random) -> dict:
@@ -283,7 +290,7 @@ class Runner:
 
     async def request(self, messages: list[dict], where: str):
         cfg = self.cfg
-        kwargs: dict = {"model": cfg.model, "messages": messages}
+        kwargs: dict = {"model": cfg.model, "messages": messages, "seed": request_seed(cfg.seed, where)}
         if cfg.temperature is not None:
             kwargs["temperature"] = cfg.temperature
         if cfg.max_tokens is not None:

@@ -33,7 +33,8 @@ from vistune.model.checkpoint import load
 from vistune.model.tiny import tiny_text_config, tiny_vision_config
 from vistune.train import run
 from vistune.train.config import RunConfig
-from vistune.train.tiny_data import COLORS, SHAPES, make_tiny_data
+from vistune.instruct.synth import COLORS, SHAPES
+from vistune.instruct.tiny_data import make_tiny_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {

@@ -212,7 +212,7 @@ def test_stage1_on_real_weights_trains_only_the_projector(mobilenet_v2_dir, smol
     from vistune.train import run
     from vistune.train.config import RunConfig
     from vistune.train.stages import build_model
-    from vistune.train.tiny_data import make_tiny_data
+    from vistune.instruct.tiny_data import make_tiny_data
 
     data = make_tiny_data(tmp_path / "data", n_images=32, seed=0)
     # The tower at 112 px (a 4x4 map: 16 visual tokens) so that the frozen LLM's forward and

@@ -46,12 +46,13 @@ def test_cache_is_invalidated_by_encoder_images_or_data(tiny_data, base_model_di
     assert not reused
     assert ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
     # an image changed on disk
-    img = data_dir / "images" / "img_0000.png"
+    first, second = [json.loads(x)["image"] for x in data.read_text().splitlines()[:2]]
+    img = data_dir / "images" / first
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
     # the data file changed
     with open(data, "a") as f:
-        f.write(json.dumps({"id": "new", "image": "img_0001.png", "conversations": [
+        f.write(json.dumps({"id": "new", "image": second, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x."}]}) + "\n")
     assert not ensure_cache(model, data, data_dir / "images", fc, progress=False)[1]
     assert read_index(fc)["num_records"] == 7

@@ -25,12 +25,13 @@ def with_bad_records(tiny_data, path: Path) -> tuple[Path, set[str]]:
     subset(tiny_data["pretrain"], path, 12)
     junk = path.parent / "junk.png"
     junk.write_bytes(b"not a png at all")
+    image = json.loads(path.read_text().splitlines()[0])["image"]
     bad = [
         {"id": "missing-img", "image": "nope.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red."}]},
         {"id": "junk-img", "image": str(junk), "conversations": [
             {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red."}]},
-        {"id": "too-long", "image": ["img_0000.png"] * 5, "conversations": [  # 5 x 16 image tokens > 64
+        {"id": "too-long", "image": [image] * 5, "conversations": [  # 5 x 16 image tokens > 64
             {"from": "human", "value": "<image>" * 5}, {"from": "gpt", "value": "red."}]},
     ]
     with open(path, "a") as f:

@@ -5,7 +5,7 @@ import pytest
 
 from vistune.model.tiny import tiny_text_config, tiny_vision_config
 from vistune.train.config import RunConfig, apply_overrides
-from vistune.train.tiny_data import make_tiny_data
+from vistune.instruct.tiny_data import make_tiny_data
 
 
 @pytest.fixture(scope="session")

@@ -109,8 +109,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_data(args: argparse.Namespace) -> int:
-    from ..train.tiny_data import make_tiny_data
+    from ..instruct.tiny_data import make_tiny_data
 
     paths = make_tiny_data(args.out, n_images=args.images, seed=args.seed)
-    print(f"tiny data set in {paths['dir']}: {paths['pretrain'].name}, {paths['instruct'].name}, images/, tokenizer/")
+    print(f"tiny data set in {paths['dir']}: {paths['pretrain'].name}, {paths['instruct'].name}, images/, "
+          "annotations.json, tokenizer/")
     return 0

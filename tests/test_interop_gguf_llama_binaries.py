@@ -89,17 +89,19 @@ def decode(engine: Engine, ids: list[int]) -> str:
 
 
 # -- llama.cpp's side -------------------------------------------------------------------------------
-def mtmd_cli_answer(cli: str, files, image: Path, question: str, n: int, want: str, stops: bool,
-                    tries: int = 10) -> tuple[str, str]:
-    """The documented command (one question, the image first, greedy, ``n`` tokens at most): the
-    prompt it rendered (its debug log, ``-v``) and its answer, which should be ``want``. The CLI
-    prints through llama.cpp's asynchronous log, which it does not flush at exit (common/log.cpp,
-    as of 0c1e570), so on a busy machine the end of its output is often missing: a cut-off run must
-    be a prefix of ``want`` and is run again. After the answer the CLI prints a newline when it
-    stopped on an end-of-generation token (``stops``), then its closing two newlines: their presence
-    says the output is whole."""
+def mtmd_cli_answer(cli: str, files, image: Path, question: str, n: int, want: str | None, stops: bool = False,
+                    system: str | None = None, tries: int = 10) -> tuple[str, str]:
+    """The documented command (one question, the image first, greedy, ``n`` tokens at most; ``-sys``
+    if ``system``): the prompt it rendered (its debug log, ``-v``) and its answer, which should be
+    ``want`` (None: not checked). The CLI prints through llama.cpp's asynchronous log, which it does
+    not flush at exit (common/log.cpp, as of 0c1e570), so on a busy machine the end of its output is
+    often missing: a cut-off run must be a prefix of ``want`` and is run again. After the answer the
+    CLI prints a newline when it stopped on an end-of-generation token (``stops``), then its closing
+    two newlines: their presence says the output is whole."""
     cmd = [cli, "-m", str(files.llm), "--mmproj", str(files.mmproj), "--image", str(image),
            "-p", LLAMA_CPP_MARKER + question, "--temp", "0", "-n", str(n), "--jinja", "-t", THREADS, "-v"]
+    if system is not None:
+        cmd += ["-sys", system]
     end = ("\n" if stops else "") + "\n\n"
     for _ in range(tries):
         done = subprocess.run(cmd, capture_output=True, timeout=120,
@@ -107,19 +109,21 @@ def mtmd_cli_answer(cli: str, files, image: Path, question: str, n: int, want: s
         # the CLI writes each token's bytes as they come: decoded as a whole, as the tokenizer decodes
         stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
         assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{stderr[-3000:]}"
-        prompt = re.search(r"formatted_chat\.prompt: (.*?)\n(?:\d+\.\d+\.\d+\.\d+ [DIWE] |\Z)", stderr, re.S)
-        assert prompt, f"no formatted prompt in llama-mtmd-cli's log:\n{stderr[-3000:]}"
-        out = stdout.partition(ANSWER_MARK + "\n\n")[2]  # the marker, then the prompt's closing newline
+        # each message it evaluates (the system text, then the question) is logged, then marked on stdout
+        prompts = re.findall(r"formatted_chat\.prompt: (.*?)\n(?:\d+\.\d+\.\d+\.\d+ [DIWE] |\Z)", stderr, re.S)
+        _, marked, out = stdout.rpartition(ANSWER_MARK + "\n\n")  # the marker, then the prompt's closing newline
+        out = out if marked else ""
         if out.endswith(end):
-            return prompt.group(1), out[: -len(end)]
-        assert (want + end).startswith(out), f"llama-mtmd-cli answered {out!r}, vistune {want!r}"
+            assert len(prompts) == 1 + (system is not None), f"llama-mtmd-cli's log:\n{stderr[-3000:]}"
+            return "".join(prompts), out[: -len(end)]
+        assert want is None or (want + end).startswith(out), f"llama-mtmd-cli answered {out!r}, vistune {want!r}"
     raise AssertionError(f"llama-mtmd-cli's output was cut off {tries} times; the last:\n{stdout[-2000:]}")
 
 
-def vistune_text(engine: Engine, question: str, marker: str) -> str:
+def vistune_text(engine: Engine, question: str, marker: str, system: str | None = None) -> str:
     """vistune's prompt for one image and ``question`` (the image first), ``marker`` for the image."""
     tok = engine.tokenizer
-    return render(engine.template, [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}],
+    return render(engine.template, [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}], system=system,
                   add_generation_prompt=True, eos=tok.eos_token, bos=tok.bos_token).text.replace(IMAGE_PLACEHOLDER,
                                                                                                  marker)
 
@@ -361,6 +365,21 @@ def test_both_binaries_follow_the_image_as_vistune_does(mtmd_cli, server_bin, ch
                 (vistune_text(engine, q, LLAMA_CPP_MARKER), text)
             assert_server_answers_as_vistune(server, engine, prompt, n)
     assert wants[0] != wants[1]
+
+
+def test_mtmd_cli_system_text_gets_one_newline_too_many_with_chatml(mtmd_cli, chatml_model, tmp_path):
+    """llama.cpp's quirk that docs/interop.md warns of: `-sys` formats the system message alone,
+    then the question with a newline in front, because the system block ends with one
+    (common_chat_format_single), so ChatML's prompt gets a blank line that vistune's has not. The
+    day llama.cpp stops doing so, this fails, and the note in the docs goes."""
+    engine, files = chatml_model
+    path = tmp_path / "red.png"
+    solid_image((255, 0, 0), (32, 32)).save(path)
+    q, system = "what color is the square", "Be brief."
+    prompt, _ = mtmd_cli_answer(mtmd_cli, files, path, q, 1, None, system=system)
+    want = vistune_text(engine, q, LLAMA_CPP_MARKER, system)
+    block = f"<|im_start|>system\n{system}<|im_end|>\n"
+    assert want.startswith(block) and prompt == block + "\n" + want[len(block):]
 
 
 # -- real weights: SmolLM2-135M-Instruct, text only --------------------------------------------------------

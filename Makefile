@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-portable test-llama-cpp install install-test browser clean
+.PHONY: demo test test-portable test-llama-cpp test-llama-binaries install install-test browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,13 @@ test-portable: install-test
 # Only the GGUF export run by llama.cpp itself (`make test` runs these too), after changing the export
 test-llama-cpp: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_interop_gguf_llama_cpp.py
+
+# The GGUF export run by llama.cpp's own llama-mtmd-cli and llama-server (opt-in: docs/interop.md
+# says how to build them); LLAMA_BIN is the folder that holds both
+test-llama-binaries: $(VENV)/.installed-test
+	$(if $(LLAMA_BIN),,$(error set LLAMA_BIN to the folder holding llama-mtmd-cli and llama-server))
+	LLAMA_MTMD_CLI=$(LLAMA_BIN)/llama-mtmd-cli LLAMA_SERVER=$(LLAMA_BIN)/llama-server \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_interop_gguf_llama_binaries.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache

@@ -11,7 +11,7 @@ from train_fixtures import base_model_dir, subset, tiny_config, tiny_data  # noq
 from vistune.model.checkpoint import load_model
 from vistune.train import run
 from vistune.train.features import FeatureCache, cache_features_for_config, ensure_cache, read_index, storage_dtype
-from tolerances import trained_losses
+from tolerances import assert_reordered, trained_losses
 
 
 def losses(r):
@@ -85,6 +85,24 @@ def test_siglip_tower_features_are_cached_and_read_back(tiny_data, tokenizer, tm
     assert not want.is_contiguous()  # what made the shard writer fail before
     for i in range(len(recs)):
         assert torch.equal(cache.get(i), want[i:i + 1])
+
+
+def test_a_cache_split_into_shards_reads_back_as_one(tiny_data, base_model_dir, tmp_path):
+    from vistune.data.records import RecordFile
+    from vistune.train.features import build_cache, fingerprint
+
+    data = subset(tiny_data["pretrain"], tmp_path / "d.jsonl", 7)
+    model, _ = load_model(base_model_dir)
+    recs = RecordFile(data)
+    fp = fingerprint(model, data, tiny_data["images"], recs)
+    whole = FeatureCache(build_cache(model, recs, tiny_data["images"], tmp_path / "one", fp, progress=False))
+    split = FeatureCache(build_cache(model, recs, tiny_data["images"], tmp_path / "three", fp, progress=False,
+                                     batch_images=2, shard_records=3))
+    assert len(set(whole.where.values())) == 1
+    assert sorted(set(split.where.values())) == [f"features-0000{k}.safetensors" for k in range(3)]
+    assert sorted(split.where) == list(range(7)) and split.index["num_images"] == 7
+    for i in range(7):  # the same tower (two CLIP blocks), batched otherwise: a reordered forward
+        assert_reordered(split.get(i), whole.get(i), depth=2)
 
 
 def test_cache_features_command_and_bad_images(tiny_data, base_model_dir, tmp_path):

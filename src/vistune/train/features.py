@@ -128,10 +128,9 @@ class FeatureCache:
     def get(self, i: int) -> torch.Tensor:
         return self._shard(i).get_tensor(f"r{i}")
 
-    def image_sizes(self, i: int) -> torch.Tensor | None:
-        """Record ``i``'s images' (width, height) (anyres caches), or None."""
-        f = self._shard(i)
-        return f.get_tensor(f"s{i}") if f"s{i}" in f.keys() else None
+    def image_sizes(self, i: int) -> torch.Tensor:
+        """Record ``i``'s images' (width, height); only anyres caches hold them."""
+        return self._shard(i).get_tensor(f"s{i}")
 
     def _shard(self, i: int):
         shard = self.where[i]
@@ -177,7 +176,7 @@ class FeatureDataset(VLDataset):
         if i in self.cache.bad:
             raise SampleError(self.record(i).id, self.cache.bad[i])
         t = self.tokens(i)
-        sizes = self.cache.image_sizes(i) if t.images else None
+        sizes = self.cache.image_sizes(i) if t.images and self.image_config.aspect == "anyres" else None
         if sizes is not None and t.image_sizes is not None and tuple(map(tuple, sizes.tolist())) != t.image_sizes:
             raise SampleError(t.id, f"its cached features are of images of sizes {sizes.tolist()}, their headers "
                                     f"say {list(t.image_sizes)}: rebuild the feature cache")
@@ -216,6 +215,7 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
         bar = tqdm(total=len(records), desc="caching features", unit="rec", dynamic_ncols=True)
     with atomic_directory(out) as tmp:
         shard: dict[str, torch.Tensor] = {}
+        shard_records_in: list[int] = []  # the records whose tensors `shard` holds
         shard_no = 0
         # (record, each image's (tiles, 3, S, S) pixels and (width, height) or None)
         pending: list[tuple[int, list[tuple[torch.Tensor, tuple[int, int] | None]]]] = []
@@ -233,6 +233,7 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
                 # own, contiguous storage: safetensors takes nothing else, and some towers (SigLIP)
                 # give their features in a permuted layout that a plain clone() would keep
                 shard[f"r{i}"] = feats[at:at + n].clone(memory_format=torch.contiguous_format)
+                shard_records_in.append(i)
                 if images[0][1] is not None:
                     shard[f"s{i}"] = torch.tensor([size for _, size in images], dtype=torch.long)
                 at += n
@@ -246,10 +247,10 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
             if shard:
                 name = f"features-{shard_no:05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                for key in shard:
-                    if key.startswith("r"):
-                        index["records"][key[1:]] = name
+                for i in shard_records_in:
+                    index["records"][str(i)] = name
                 shard, shard_no = {}, shard_no + 1
+                shard_records_in.clear()
 
         n_pending_images = 0
         for i in range(len(records)):
@@ -266,7 +267,7 @@ def build_cache(model: VisionLanguageModel, records: RecordFile, image_dir: str 
             if n_pending_images >= batch_images:
                 run_pending()
                 n_pending_images = 0
-            if sum(k.startswith("r") for k in shard) + len(pending) >= shard_records:
+            if len(shard_records_in) + len(pending) >= shard_records:
                 flush_shard()
                 n_pending_images = 0
             if bar is not None:
